@@ -1,0 +1,45 @@
+# InstGenIE developer entry points. `make run` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install run demo test test-fast tiny-model bench quality clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, by exact version, so pip takes the local CPU wheel and nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+## run: the system on its embedded default (CPU, tiny model). Until the services land this is the engine demo.
+run: demo
+
+## demo: register templates, edit them, write images to out/
+demo: install
+	$(BIN)/python -m instgenie.engine.demo --out out
+
+## test: set everything up and run the whole test suite
+test: install
+	$(BIN)/python -m pytest -q
+
+## tiny-model: retrain the committed digits model (deterministic, a few CPU minutes)
+tiny-model: install
+	$(BIN)/python -m instgenie.engine.models.train_digits --out engine/assets/digits
+
+## bench: engine per-step speed, stock diffusers vs KV vs Y mode (JSON + table)
+bench: install
+	$(BIN)/python -m loadtest.engine_bench --json out/engine_bench.json
+
+## quality: cached vs full recompute on the trained digits model
+quality: install
+	$(BIN)/python -m loadtest.quality_report --json out/quality.json
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""Model families and presets the engine can load."""
