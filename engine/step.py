@@ -1,0 +1,105 @@
+"""One denoising step for a batch of request states: pack, run the transformer once, step each scheduler."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .latents import image_ids
+from .request import RequestState
+from .transformer.cache_view import StepCache
+from .transformer.reference import dense_forward
+from .transformer.sparse import PackedStep, sparse_forward
+
+
+def renoise(image_latents: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The template's latents at noise level sigma: same arithmetic as FlowMatch `scale_noise`."""
+    sigma = sigma.to(image_latents.dtype)
+    return sigma * noise + (1.0 - sigma) * image_latents
+
+
+def batch_key(state: RequestState) -> tuple:
+    """Requests may share a step only if these agree (resolution, text length, cache mode, path)."""
+    m = state.manifest
+    return (m.model_id, m.resolution, m.cache_mode, state.text.prompt_embeds.shape[1], state.request.path)
+
+
+@torch.no_grad()
+def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] | None = None) -> None:
+    """Advance every state by one step. All states must share `batch_key`."""
+    if not states:
+        return
+    keys = {batch_key(s) for s in states}
+    if len(keys) != 1:
+        raise ValueError(f"states of different batch keys cannot share a step: {sorted(map(str, keys))}")
+    start = time.perf_counter()
+    first = states[0]
+    path, mode = first.request.path, first.manifest.cache_mode
+    h, w = (r // _scale(first) for r in first.manifest.resolution)
+    device, dtype = first.latents.device, first.latents.dtype
+    img_ids = image_ids(h, w, device, dtype)
+    txt_ids = first.text.text_ids
+
+    seqs = []  # (state, branch)
+    for s in states:
+        seqs += [(s, g) for g in range(s.branches)]
+    prompt_embeds = torch.cat([s.text.prompt_embeds[g:g + 1] for s, g in seqs])
+    pooled = torch.cat([s.text.pooled[g:g + 1] for s, g in seqs])
+    timestep = torch.stack([s.timesteps[s.step_index].to(dtype) / 1000 for s, _ in seqs])
+    guidance = None
+    if first.guidance is not None:
+        guidance = torch.cat([s.guidance for s, _ in seqs])
+    shards = {id(s): s.cache(s.step_index) for s in states}
+    caches = [StepCache(shards[id(s)], g, device) for s, g in seqs]
+
+    if path == "sparse":
+        step = PackedStep(
+            x=torch.cat([s.latents[0, s.mask.index] for s, _ in seqs]),
+            token_index=[s.mask.index for s, _ in seqs],
+            prompt_embeds=prompt_embeds, pooled=pooled, timestep=timestep, txt_ids=txt_ids, img_ids=img_ids,
+            caches=caches, mode=mode, guidance=guidance, use_cache=use_cache,
+            x_full=torch.cat([s.latents for s, _ in seqs]) if mode == "y" else None,
+        )
+        packed = sparse_forward(transformer, step)
+        preds = []
+        for (s, _), part in zip(seqs, packed.split([int(s.mask.index.numel()) for s, _ in seqs])):
+            full = torch.zeros_like(s.latents[0])
+            full[s.mask.index] = part
+            preds.append(full)
+        preds = torch.stack(preds)
+    else:
+        latents = torch.cat([s.latents for s, _ in seqs])
+        if path == "dense":
+            keep = torch.stack([s.mask.tokens for s, _ in seqs])
+            preds = dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance,
+                                  mode=mode, caches=caches, keep=keep, use_cache=use_cache)
+        else:
+            preds = dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance)
+
+    offset = 0
+    elapsed = time.perf_counter() - start
+    for s in states:
+        pred = preds[offset:offset + s.branches]
+        offset += s.branches
+        _advance(s, pred)
+        s.step_times.append(elapsed)
+
+
+def _scale(state: RequestState) -> int:
+    n = state.manifest.image_tokens
+    h, w = state.manifest.resolution
+    # tokens = (h / s / 2) * (w / s / 2)  ->  s = sqrt(h * w / (4 n))
+    return int(round((h * w / (4 * n)) ** 0.5))
+
+
+def _advance(s: RequestState, pred: torch.Tensor) -> None:
+    """Guidance, the request's own scheduler step, then pin unmasked latents to the template trajectory."""
+    if s.cfg_scale is not None:
+        noise_pred = pred[0:1] + s.cfg_scale * (pred[1:2] - pred[0:1])
+    else:
+        noise_pred = pred[0:1]
+    i = s.step_index
+    latents = s.scheduler.step(noise_pred, s.timesteps[i], s.latents, return_dict=False)[0]
+    pinned = s.image_latents if i == s.total_steps - 1 else renoise(s.image_latents, s.sigmas[i + 1], s.noise)
+    s.latents = (1 - s.mask.blend) * pinned + s.mask.blend * latents
+    s.step_index += 1

@@ -1,0 +1,197 @@
+"""Template caches on a blob store: one safetensors shard per denoising step plus a JSON manifest.
+
+Layout under `templates/<template_id>/`:
+  base.safetensors         image_latents (1, N, 4C) and noise (1, N, 4C) of the template run (+ cond tokens)
+  step-0000.safetensors    per block: `kv.<b>.k`, `kv.<b>.v` (G, N, heads, head_dim)  or  `y.<b>` (G, N, hidden)
+  ...
+  manifest.json            written last, so a template is visible only once every shard is in place
+G is the number of guidance branches (2 for true CFG: unconditional, conditional; else 1).
+
+Size of the step shards' tensor data (the header of each safetensors file adds a few KiB):
+  KV mode: 2 * steps * G * blocks * N * hidden * bytes_per_element
+  Y mode :     steps * G * blocks * N * hidden * bytes_per_element
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import CacheIntegrityError, TemplateNotFoundError
+
+FORMAT_VERSION = 1
+
+
+def cache_bytes(mode: str, steps: int, branches: int, blocks: int, tokens: int, hidden: int, element_bytes: int) -> int:
+    """Bytes of cached tensor data of one template (see the module docstring)."""
+    per_block = (2 if mode == "kv" else 1) * tokens * hidden * element_bytes
+    return steps * branches * blocks * per_block
+
+
+class BlobStore(Protocol):
+    """The minimum the template store needs from an object store (services provide an S3 one)."""
+
+    def put(self, key: str, data: bytes, metadata: dict | None = None) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> Iterator[str]: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+class DirectoryBlobStore:
+    """A BlobStore on a local directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"key {key!r} escapes the store root")
+        return path
+
+    def put(self, key: str, data: bytes, metadata: dict | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root.resolve()
+        for p in sorted(base.rglob("*")):
+            key = p.relative_to(base).as_posix()
+            if p.is_file() and key.startswith(prefix) and not p.name.startswith(".tmp-"):
+                yield key
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in list(self.list(prefix)):
+            self._path(key).unlink(missing_ok=True)
+
+
+@dataclass
+class TemplateManifest:
+    """What a template cache is and what it is valid for."""
+
+    template_id: str
+    model_id: str
+    config_hash: str
+    resolution: tuple[int, int]
+    steps: int
+    seed: int
+    prompt: str
+    cache_mode: str
+    dtype: str
+    guidance: str
+    guidance_scale: float
+    branches: int
+    num_blocks: int
+    image_tokens: int
+    text_tokens: int
+    hidden: int
+    scheduler: dict
+    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "bytes"}
+    format_version: int = FORMAT_VERSION
+    created_at: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "TemplateManifest":
+        d = json.loads(data)
+        d["resolution"] = tuple(d["resolution"])
+        return cls(**d)
+
+    @property
+    def expected_cache_bytes(self) -> int:
+        element = torch.finfo(getattr(torch, self.dtype)).bits // 8
+        return cache_bytes(self.cache_mode, self.steps, self.branches, self.num_blocks, self.image_tokens,
+                           self.hidden, element)
+
+
+def step_shard(step: int) -> str:
+    return f"step-{step:04d}.safetensors"
+
+
+class TemplateStore:
+    """Reads and writes template caches on a BlobStore, checking every shard's sha256 on read."""
+
+    def __init__(self, blobs: BlobStore, prefix: str = "templates"):
+        self.blobs = blobs
+        self.prefix = prefix.rstrip("/")
+
+    def _key(self, template_id: str, name: str) -> str:
+        return f"{self.prefix}/{template_id}/{name}"
+
+    def put_shard(self, manifest: TemplateManifest, name: str, tensors: dict[str, torch.Tensor]) -> int:
+        data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        self.blobs.put(self._key(manifest.template_id, name), data)
+        manifest.shards[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        return len(data)
+
+    def commit(self, manifest: TemplateManifest) -> None:
+        """Publish the template: its manifest goes last, after every shard."""
+        self.blobs.put(self._key(manifest.template_id, "manifest.json"), manifest.to_json())
+
+    def exists(self, template_id: str) -> bool:
+        return self.blobs.exists(self._key(template_id, "manifest.json"))
+
+    def manifest(self, template_id: str) -> TemplateManifest:
+        try:
+            return TemplateManifest.from_json(self.blobs.get(self._key(template_id, "manifest.json")))
+        except KeyError:
+            raise TemplateNotFoundError(f"template {template_id!r} does not exist; register it first") from None
+
+    def shard(self, manifest: TemplateManifest, name: str) -> dict[str, torch.Tensor]:
+        info = manifest.shards.get(name)
+        if info is None:
+            raise CacheIntegrityError(f"template {manifest.template_id!r} has no shard {name!r} in its manifest")
+        try:
+            data = self.blobs.get(self._key(manifest.template_id, name))
+        except KeyError:
+            raise CacheIntegrityError(f"shard {name!r} of template {manifest.template_id!r} is missing") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info["sha256"]:
+            raise CacheIntegrityError(
+                f"shard {name!r} of template {manifest.template_id!r} is corrupt "
+                f"(sha256 {digest[:12]}..., manifest says {info['sha256'][:12]}...); re-register the template"
+            )
+        return st_load(data)
+
+    def step(self, manifest: TemplateManifest, step: int) -> dict[str, torch.Tensor]:
+        return self.shard(manifest, step_shard(step))
+
+    def list(self) -> list[str]:
+        ids = set()
+        for key in self.blobs.list(self.prefix + "/"):
+            parts = key[len(self.prefix) + 1:].split("/")
+            if len(parts) == 2 and parts[1] == "manifest.json":
+                ids.add(parts[0])
+        return sorted(ids)
+
+    def delete(self, template_id: str) -> None:
+        if not self.exists(template_id):
+            raise TemplateNotFoundError(f"template {template_id!r} does not exist")
+        # The manifest goes first so readers stop seeing the template before its shards vanish.
+        self.blobs.delete_prefix(self._key(template_id, "manifest.json"))
+        self.blobs.delete_prefix(f"{self.prefix}/{template_id}/")

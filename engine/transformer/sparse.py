@@ -1,0 +1,277 @@
+"""Mask-aware forward of a Flux transformer: only masked image tokens (+ text) flow through the blocks.
+
+Several sequences are packed into one batch: their computed tokens are concatenated so every per-token layer
+(projections, MLPs, norms) runs once for the whole batch, AdaLN modulation reaches each token through a
+token->sequence index, and attention runs per sequence segment against that sequence's own keys/values.
+Sequences may sit at different timesteps and have different mask sizes.
+
+Two cache modes (see cache_view.py):
+  * "kv": keys/values of unmasked image tokens come from the template cache; masked rows are overwritten
+    with fresh values. Cheapest; nothing but masked + text tokens is ever projected.
+  * "y": each block's full-length input is rebuilt from the cached output of the previous block with the
+    masked rows refreshed; K/V are projected from it for all tokens, Q/attention/MLP for masked tokens only.
+    Because every block sees its full input, any block can instead be computed in full (`use_cache=False`),
+    which is what the load/compute planner needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache_view import BlockCache
+from .ops import apply_rope, segment_attention
+
+
+@dataclass
+class PackedStep:
+    """Inputs of one transformer call over S packed sequences."""
+
+    x: torch.Tensor  # (Ntot, C_in) inputs of the computed image tokens, sequence after sequence
+    token_index: list[torch.Tensor]  # per sequence, (M_s,) positions of its computed tokens among N
+    prompt_embeds: torch.Tensor  # (S, T, joint_attention_dim)
+    pooled: torch.Tensor  # (S, pooled_dim)
+    timestep: torch.Tensor  # (S,), sigma in [0, 1] (the pipelines pass t / 1000)
+    txt_ids: torch.Tensor  # (T, 3)
+    img_ids: torch.Tensor  # (N, 3)
+    caches: list[BlockCache]
+    mode: str = "kv"
+    guidance: torch.Tensor | None = None  # (S,) for guidance-distilled models
+    x_full: torch.Tensor | None = None  # (S, N, C_in) every image token's input; Y mode only
+    use_cache: list[bool] | None = None  # per block, Y mode only; None = every block uses the cache
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.token_index)
+
+
+class _Packing:
+    """Index bookkeeping of a packed batch."""
+
+    def __init__(self, token_index: list[torch.Tensor], device: torch.device):
+        self.token_index = token_index
+        self.lengths = [int(t.numel()) for t in token_index]
+        self.seq = torch.repeat_interleave(
+            torch.arange(len(token_index), device=device), torch.tensor(self.lengths, device=device)
+        )
+        self.positions = torch.cat(token_index) if token_index else torch.empty(0, dtype=torch.long)
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return list(t.split(self.lengths))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return t.unflatten(-1, (-1, head_dim))
+
+
+@torch.no_grad()
+def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
+    """Noise prediction for the packed computed tokens, (Ntot, C_out)."""
+    tr = transformer
+    if step.mode not in ("kv", "y"):
+        raise ValueError(f"unknown cache mode {step.mode!r}; expected 'kv' or 'y'")
+    device, dtype = step.x.device, step.x.dtype
+    pack = _Packing(step.token_index, device)
+    seq = pack.seq
+    num_dual = len(tr.transformer_blocks)
+    num_blocks = num_dual + len(tr.single_transformer_blocks)
+    use_cache = step.use_cache or [True] * num_blocks
+    if step.mode == "kv" and not all(use_cache):
+        raise ValueError("computing a block in full needs Y-mode caches (KV mode never materialises unmasked tokens)")
+
+    # Embeddings, exactly as FluxTransformer2DModel.forward computes them.
+    h_img = tr.x_embedder(step.x)
+    timestep = step.timestep.to(dtype) * 1000
+    if step.guidance is not None:
+        temb = tr.time_text_embed(timestep, step.guidance.to(dtype) * 1000, step.pooled)
+    else:
+        temb = tr.time_text_embed(timestep, step.pooled)
+    txt = tr.context_embedder(step.prompt_embeds)
+    n_txt = txt.shape[1]
+    cos, sin = tr.pos_embed(torch.cat((step.txt_ids, step.img_ids), dim=0))
+    cos_txt, sin_txt = cos[:n_txt], sin[:n_txt]
+    cos_img_all, sin_img_all = cos[n_txt:], sin[n_txt:]
+    cos_img, sin_img = cos_img_all[pack.positions], sin_img_all[pack.positions]
+
+    full_in = None  # Y mode: (S, N, hidden) input of the current block for every image token
+    if step.mode == "y":
+        if step.x_full is None:
+            raise ValueError("Y mode needs x_full, the inputs of every image token")
+        full_in = tr.x_embedder(step.x_full)
+
+    for b, block in enumerate(tr.transformer_blocks):
+        if step.mode == "y" and not use_cache[b]:
+            h_img, txt, full_in = _dual_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_img_all,
+                                                   sin_img_all, pack)
+            continue
+        h_img, txt = _dual_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img,
+                                 sin_img, cos_img_all, sin_img_all, full_in)
+        if step.mode == "y":
+            full_in = _refresh_full(step.caches, b, h_img, pack)
+
+    for j, block in enumerate(tr.single_transformer_blocks):
+        b = num_dual + j
+        if step.mode == "y" and not use_cache[b]:
+            h_img, txt, full_in = _single_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_img_all,
+                                                     sin_img_all, pack)
+            continue
+        h_img, txt = _single_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img,
+                                   sin_img, cos_img_all, sin_img_all, full_in)
+        if step.mode == "y":
+            full_in = _refresh_full(step.caches, b, h_img, pack)
+
+    # AdaLayerNormContinuous: note the (scale, shift) order.
+    emb = tr.norm_out.linear(tr.norm_out.silu(temb).to(h_img.dtype))
+    scale, shift = torch.chunk(emb, 2, dim=1)
+    h_img = tr.norm_out.norm(h_img) * (1 + scale[seq]) + shift[seq]
+    return tr.proj_out(h_img)
+
+
+def _refresh_full(caches, block: int, h_img: torch.Tensor, pack: _Packing) -> torch.Tensor:
+    """Y mode: the next block's full input = this block's cached output with the masked rows refreshed."""
+    rows = []
+    for s, part in enumerate(pack.split(h_img)):
+        y = caches[s].y(block).clone()
+        y[pack.token_index[s]] = part
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def _image_kv(attn, caches, block, k_new, v_new, pack):
+    """KV mode: per sequence, the template's image K/V with the masked rows replaced by fresh ones."""
+    keys, values = [], []
+    for s, (k_part, v_part) in enumerate(zip(pack.split(k_new), pack.split(v_new))):
+        k_cached, v_cached = caches[s].kv(block)
+        k_all, v_all = k_cached.clone(), v_cached.clone()
+        k_all[pack.token_index[s]] = k_part
+        v_all[pack.token_index[s]] = v_part
+        keys.append(k_all)
+        values.append(v_all)
+    return keys, values
+
+
+def _full_image_kv(attn, norm_full, cos_all, sin_all, head_dim):
+    """Y mode: K/V of every image token projected from the rebuilt full input, (S, N, heads, d) each."""
+    k = attn.norm_k(_heads(attn.to_k(norm_full), head_dim))
+    v = _heads(attn.to_v(norm_full), head_dim)
+    s, n = k.shape[:2]
+    k = apply_rope(k.flatten(0, 1), cos_all.repeat(s, 1), sin_all.repeat(s, 1)).unflatten(0, (s, n))
+    return list(k), list(v)
+
+
+def _dual_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img, sin_img,
+                cos_all, sin_all, full_in):
+    attn = block.attn
+    d = attn.head_dim
+    emb = block.norm1.linear(block.norm1.silu(temb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    c_emb = block.norm1_context.linear(block.norm1_context.silu(temb))
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_emb.chunk(6, dim=1)
+
+    n_img = _modulate(block.norm1.norm(h_img), shift_msa[seq], scale_msa[seq])
+    n_txt = block.norm1_context.norm(txt) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
+
+    q = apply_rope(attn.norm_q(_heads(attn.to_q(n_img), d)), cos_img, sin_img)
+    tq = attn.norm_added_q(_heads(attn.add_q_proj(n_txt), d))
+    tk = attn.norm_added_k(_heads(attn.add_k_proj(n_txt), d))
+    tv = _heads(attn.add_v_proj(n_txt), d)
+    s_count, n_txt_tokens = tq.shape[:2]
+    tq = apply_rope(tq.flatten(0, 1), cos_txt.repeat(s_count, 1), sin_txt.repeat(s_count, 1)).unflatten(0, tq.shape[:2])
+    tk = apply_rope(tk.flatten(0, 1), cos_txt.repeat(s_count, 1), sin_txt.repeat(s_count, 1)).unflatten(0, tk.shape[:2])
+
+    if step.mode == "kv":
+        k = apply_rope(attn.norm_k(_heads(attn.to_k(n_img), d)), cos_img, sin_img)
+        v = _heads(attn.to_v(n_img), d)
+        keys, values = _image_kv(attn, step.caches, b, k, v, pack)
+    else:
+        norm_full = block.norm1.norm(full_in) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+        keys, values = _full_image_kv(attn, norm_full, cos_all, sin_all, d)
+
+    out = segment_attention(
+        [torch.cat([tq[s], qs]) for s, qs in enumerate(pack.split(q))],
+        [torch.cat([tk[s], keys[s]]) for s in range(s_count)],
+        [torch.cat([tv[s], values[s]]) for s in range(s_count)],
+    )
+    txt_attn = torch.stack([o[:n_txt_tokens] for o in out]).to(q.dtype)
+    img_attn = torch.cat([o[n_txt_tokens:] for o in out]).to(q.dtype)
+    img_attn = attn.to_out[1](attn.to_out[0](img_attn))
+    txt_attn = attn.to_add_out(txt_attn)
+
+    h_img = h_img + gate_msa[seq] * img_attn
+    n2 = _modulate(block.norm2(h_img), shift_mlp[seq], scale_mlp[seq])
+    h_img = h_img + gate_mlp[seq] * block.ff(n2)
+
+    txt = txt + c_gate_msa[:, None] * txt_attn
+    n2c = block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    txt = txt + c_gate_mlp[:, None] * block.ff_context(n2c)
+    if txt.dtype == torch.float16:
+        txt = txt.clip(-65504, 65504)
+    return h_img, txt
+
+
+def _single_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img, sin_img,
+                  cos_all, sin_all, full_in):
+    attn = block.attn
+    d = attn.head_dim
+    s_count, n_txt_tokens, hidden = txt.shape
+    # Text rows join the packed image rows so every per-token layer runs once.
+    tokens = torch.cat([txt.flatten(0, 1), h_img])
+    txt_seq = torch.arange(s_count, device=seq.device).repeat_interleave(n_txt_tokens)
+    tok_seq = torch.cat([txt_seq, seq])
+    cos_tok = torch.cat([cos_txt.repeat(s_count, 1), cos_img])
+    sin_tok = torch.cat([sin_txt.repeat(s_count, 1), sin_img])
+
+    emb = block.norm.linear(block.norm.silu(temb))
+    shift, scale, gate = emb.chunk(3, dim=1)
+    normed = _modulate(block.norm.norm(tokens), shift[tok_seq], scale[tok_seq])
+    mlp = block.act_mlp(block.proj_mlp(normed))
+    q = apply_rope(attn.norm_q(_heads(attn.to_q(normed), d)), cos_tok, sin_tok)
+    n_t = s_count * n_txt_tokens
+    q_txt, q_img = q[:n_t].unflatten(0, (s_count, n_txt_tokens)), q[n_t:]
+
+    if step.mode == "kv":
+        k = apply_rope(attn.norm_k(_heads(attn.to_k(normed), d)), cos_tok, sin_tok)
+        v = _heads(attn.to_v(normed), d)
+        k_txt, v_txt = k[:n_t].unflatten(0, (s_count, n_txt_tokens)), v[:n_t].unflatten(0, (s_count, n_txt_tokens))
+        keys, values = _image_kv(attn, step.caches, b, k[n_t:], v[n_t:], pack)
+    else:
+        normed_txt = normed[:n_t]
+        k_txt = apply_rope(attn.norm_k(_heads(attn.to_k(normed_txt), d)), cos_tok[:n_t], sin_tok[:n_t])
+        v_txt = _heads(attn.to_v(normed_txt), d)
+        k_txt, v_txt = k_txt.unflatten(0, (s_count, n_txt_tokens)), v_txt.unflatten(0, (s_count, n_txt_tokens))
+        norm_full = block.norm.norm(full_in) * (1 + scale[:, None]) + shift[:, None]
+        keys, values = _full_image_kv(attn, norm_full, cos_all, sin_all, d)
+
+    out = segment_attention(
+        [torch.cat([q_txt[s], qs]) for s, qs in enumerate(pack.split(q_img))],
+        [torch.cat([k_txt[s], keys[s]]) for s in range(s_count)],
+        [torch.cat([v_txt[s], values[s]]) for s in range(s_count)],
+    )
+    attn_out = torch.cat([torch.cat([o[:n_txt_tokens] for o in out]), torch.cat([o[n_txt_tokens:] for o in out])])
+    attn_out = attn_out.to(q.dtype)
+    tokens = tokens + gate[tok_seq] * block.proj_out(torch.cat([attn_out, mlp], dim=1))
+    if tokens.dtype == torch.float16:
+        tokens = tokens.clip(-65504, 65504)
+    return tokens[n_t:], tokens[:n_t].unflatten(0, (s_count, n_txt_tokens))
+
+
+def _dual_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_all, sin_all, pack):
+    """Y mode, block chosen for full compute: run the stock block on every image token."""
+    rope = (torch.cat([cos_txt, cos_all]), torch.cat([sin_txt, sin_all]))
+    txt, full_out = block(hidden_states=full_in, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope)
+    return _gather(full_out, pack), txt, full_out
+
+
+def _single_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_all, sin_all, pack):
+    rope = (torch.cat([cos_txt, cos_all]), torch.cat([sin_txt, sin_all]))
+    txt, full_out = block(hidden_states=full_in, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope)
+    return _gather(full_out, pack), txt, full_out
+
+
+def _gather(full: torch.Tensor, pack: _Packing) -> torch.Tensor:
+    return torch.cat([full[s, idx] for s, idx in enumerate(pack.token_index)])
