@@ -10,7 +10,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Same arithmetic as diffusers' `apply_rotary_emb(..., use_real_unbind_dim=-1)`, so results are bitwise equal.
     """
-    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_real, x_imag = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).unbind(-1)
     x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
     return (x.float() * cos[:, None, :] + x_rotated.float() * sin[:, None, :]).to(x.dtype)
 
