@@ -5,7 +5,8 @@ from typing import Protocol
 
 import torch
 
-#: cache modes: "kv" keeps each block's image K/V (post QK-norm and RoPE); "y" keeps each block's image output
+#: cache modes: "kv" keeps each block's image K/V (post QK-norm and RoPE, head-major (heads, N, head_dim));
+#: "y" keeps each block's image-token output (N, hidden)
 CACHE_MODES = ("kv", "y")
 
 
@@ -18,7 +19,7 @@ class BlockCache(Protocol):
     """What a forward pass needs from the cache: per block, tensors of one sequence (one request branch)."""
 
     def kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image-token K and V of `block`, each (N_img, heads, head_dim)."""
+        """Image-token K and V of `block`, each (heads, N_img, head_dim): head-major, as attention kernels want."""
         ...
 
     def y(self, block: int) -> torch.Tensor:

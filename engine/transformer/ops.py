@@ -30,7 +30,8 @@ def segment_attention(
 ) -> list[torch.Tensor]:
     """Attention of each segment's queries over that segment's keys/values only.
 
-    Each list item is one sequence: q (Lq, heads, d), k/v (Lk, heads, d); returns (Lq, heads*d) per segment.
+    Each list item is one sequence: q (Lq, heads, d), k/v (heads, Lk, d) -- keys/values are kept head-major so
+    the large cached buffers go to the kernel without another copy. Returns (Lq, heads*d) per segment.
     On CUDA one varlen kernel serves the whole packed batch; elsewhere a loop of SDPA calls, which is exact
     and on CPU costs little next to the matmuls.
     """
@@ -38,9 +39,7 @@ def segment_attention(
         return _varlen_attention(q, k, v)
     out = []
     for qs, ks, vs in zip(q, k, v):
-        o = F.scaled_dot_product_attention(
-            qs.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0)
-        )
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0))
         out.append(o[0].transpose(0, 1).flatten(1))
     return out
 
@@ -49,9 +48,9 @@ def _varlen_attention(q, k, v):  # pragma: no cover - needs a GPU
     from torch.nn.attention.varlen import varlen_attn
 
     lq = torch.tensor([0] + [t.shape[0] for t in q], device=q[0].device).cumsum(0, dtype=torch.int32)
-    lk = torch.tensor([0] + [t.shape[0] for t in k], device=q[0].device).cumsum(0, dtype=torch.int32)
+    lk = torch.tensor([0] + [t.shape[1] for t in k], device=q[0].device).cumsum(0, dtype=torch.int32)
     out = varlen_attn(
-        torch.cat(q), torch.cat(k), torch.cat(v), lq, lk,
-        max(t.shape[0] for t in q), max(t.shape[0] for t in k),
+        torch.cat(q), torch.cat([t.transpose(0, 1) for t in k]), torch.cat([t.transpose(0, 1) for t in v]), lq, lk,
+        max(t.shape[0] for t in q), max(t.shape[1] for t in k),
     )
     return [o.flatten(1) for o in out.split([t.shape[0] for t in q])]

@@ -61,15 +61,15 @@ class _RecordingAttnProcessor:
 
         cap, t = self.capture, self.capture.n_txt
         if cap.record is not None:
-            cap.record[tensor_name("kv", self.block, "k")] = key[:, t:].clone()
-            cap.record[tensor_name("kv", self.block, "v")] = value[:, t:].clone()
+            cap.record[tensor_name("kv", self.block, "k")] = key[:, t:].transpose(1, 2).contiguous()
+            cap.record[tensor_name("kv", self.block, "v")] = value[:, t:].transpose(1, 2).contiguous()
         if cap.substitutes(self.block):
             key, value = key.clone(), value.clone()
             for s, cache in enumerate(cap.caches):
                 k_cached, v_cached = cache.kv(self.block)
                 stale = ~cap.keep[s]
-                key[s, t:][stale] = k_cached[stale]
-                value[s, t:][stale] = v_cached[stale]
+                key[s, t:][stale] = k_cached.transpose(0, 1)[stale]
+                value[s, t:][stale] = v_cached.transpose(0, 1)[stale]
 
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
         out = out.flatten(2, 3).to(query.dtype)

@@ -93,7 +93,7 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
         temb = tr.time_text_embed(timestep, step.pooled)
     txt = tr.context_embedder(step.prompt_embeds)
     n_txt = txt.shape[1]
-    cos, sin = tr.pos_embed(torch.cat((step.txt_ids, step.img_ids), dim=0))
+    cos, sin = _rope_tables(tr, step.txt_ids, step.img_ids)
     cos_txt, sin_txt = cos[:n_txt], sin[:n_txt]
     cos_img_all, sin_img_all = cos[n_txt:], sin[n_txt:]
     cos_img, sin_img = cos_img_all[pack.positions], sin_img_all[pack.positions]
@@ -132,6 +132,20 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
     return tr.proj_out(h_img)
 
 
+_ROPE_CACHE: dict = {}
+
+
+def _rope_tables(tr, txt_ids: torch.Tensor, img_ids: torch.Tensor):
+    """RoPE cos/sin of [text, image] positions; memoised, as every step of every request reuses them."""
+    ids = torch.cat((txt_ids, img_ids), dim=0)
+    key = (id(tr), ids.shape, ids.device, hash(ids.cpu().numpy().tobytes()))
+    if key not in _ROPE_CACHE:
+        if len(_ROPE_CACHE) > 16:
+            _ROPE_CACHE.clear()
+        _ROPE_CACHE[key] = tr.pos_embed(ids)
+    return _ROPE_CACHE[key]
+
+
 def _refresh_full(caches, block: int, h_img: torch.Tensor, pack: _Packing) -> torch.Tensor:
     """Y mode: the next block's full input = this block's cached output with the masked rows refreshed."""
     rows = []
@@ -142,26 +156,39 @@ def _refresh_full(caches, block: int, h_img: torch.Tensor, pack: _Packing) -> to
     return torch.stack(rows)
 
 
-def _image_kv(attn, caches, block, k_new, v_new, pack):
-    """KV mode: per sequence, the template's image K/V with the masked rows replaced by fresh ones."""
+def _kv_buffers(caches, block, txt_k, txt_v, k_new, v_new, pack):
+    """KV mode, per sequence: [text K/V | the template's image K/V with masked rows replaced by fresh ones].
+
+    Built head-major in one buffer per tensor, so the cached rows are copied exactly once per block.
+    """
     keys, values = [], []
+    n_txt = txt_k.shape[1]
     for s, (k_part, v_part) in enumerate(zip(pack.split(k_new), pack.split(v_new))):
         k_cached, v_cached = caches[s].kv(block)
-        k_all, v_all = k_cached.clone(), v_cached.clone()
-        k_all[pack.token_index[s]] = k_part
-        v_all[pack.token_index[s]] = v_part
-        keys.append(k_all)
-        values.append(v_all)
+        rows = pack.token_index[s] + n_txt
+        bufs = []
+        for cached, fresh, txt in ((k_cached, k_part, txt_k[s]), (v_cached, v_part, txt_v[s])):
+            heads, n, d = cached.shape
+            buf = torch.empty(heads, n_txt + n, d, dtype=fresh.dtype, device=fresh.device)
+            buf[:, :n_txt] = txt.transpose(0, 1)
+            buf[:, n_txt:] = cached
+            buf[:, rows] = fresh.transpose(0, 1)
+            bufs.append(buf)
+        keys.append(bufs[0])
+        values.append(bufs[1])
     return keys, values
 
 
-def _full_image_kv(attn, norm_full, cos_all, sin_all, head_dim):
-    """Y mode: K/V of every image token projected from the rebuilt full input, (S, N, heads, d) each."""
-    k = attn.norm_k(_heads(attn.to_k(norm_full), head_dim))
-    v = _heads(attn.to_v(norm_full), head_dim)
+def _full_kv_buffers(attn, norm_full, cos_all, sin_all, txt_k, txt_v):
+    """Y mode: [text K/V | K/V of every image token projected from the rebuilt full input], head-major."""
+    d = attn.head_dim
+    k = attn.norm_k(_heads(attn.to_k(norm_full), d))
+    v = _heads(attn.to_v(norm_full), d)
     s, n = k.shape[:2]
     k = apply_rope(k.flatten(0, 1), cos_all.repeat(s, 1), sin_all.repeat(s, 1)).unflatten(0, (s, n))
-    return list(k), list(v)
+    keys = torch.cat([txt_k, k], dim=1).transpose(1, 2)
+    values = torch.cat([txt_v, v], dim=1).transpose(1, 2)
+    return list(keys), list(values)
 
 
 def _dual_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img, sin_img,
@@ -187,16 +214,12 @@ def _dual_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, c
     if step.mode == "kv":
         k = apply_rope(attn.norm_k(_heads(attn.to_k(n_img), d)), cos_img, sin_img)
         v = _heads(attn.to_v(n_img), d)
-        keys, values = _image_kv(attn, step.caches, b, k, v, pack)
+        keys, values = _kv_buffers(step.caches, b, tk, tv, k, v, pack)
     else:
         norm_full = block.norm1.norm(full_in) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        keys, values = _full_image_kv(attn, norm_full, cos_all, sin_all, d)
+        keys, values = _full_kv_buffers(attn, norm_full, cos_all, sin_all, tk, tv)
 
-    out = segment_attention(
-        [torch.cat([tq[s], qs]) for s, qs in enumerate(pack.split(q))],
-        [torch.cat([tk[s], keys[s]]) for s in range(s_count)],
-        [torch.cat([tv[s], values[s]]) for s in range(s_count)],
-    )
+    out = segment_attention([torch.cat([tq[s], qs]) for s, qs in enumerate(pack.split(q))], keys, values)
     txt_attn = torch.stack([o[:n_txt_tokens] for o in out]).to(q.dtype)
     img_attn = torch.cat([o[n_txt_tokens:] for o in out]).to(q.dtype)
     img_attn = attn.to_out[1](attn.to_out[0](img_attn))
@@ -238,20 +261,16 @@ def _single_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt,
         k = apply_rope(attn.norm_k(_heads(attn.to_k(normed), d)), cos_tok, sin_tok)
         v = _heads(attn.to_v(normed), d)
         k_txt, v_txt = k[:n_t].unflatten(0, (s_count, n_txt_tokens)), v[:n_t].unflatten(0, (s_count, n_txt_tokens))
-        keys, values = _image_kv(attn, step.caches, b, k[n_t:], v[n_t:], pack)
+        keys, values = _kv_buffers(step.caches, b, k_txt, v_txt, k[n_t:], v[n_t:], pack)
     else:
         normed_txt = normed[:n_t]
         k_txt = apply_rope(attn.norm_k(_heads(attn.to_k(normed_txt), d)), cos_tok[:n_t], sin_tok[:n_t])
         v_txt = _heads(attn.to_v(normed_txt), d)
         k_txt, v_txt = k_txt.unflatten(0, (s_count, n_txt_tokens)), v_txt.unflatten(0, (s_count, n_txt_tokens))
         norm_full = block.norm.norm(full_in) * (1 + scale[:, None]) + shift[:, None]
-        keys, values = _full_image_kv(attn, norm_full, cos_all, sin_all, d)
+        keys, values = _full_kv_buffers(attn, norm_full, cos_all, sin_all, k_txt, v_txt)
 
-    out = segment_attention(
-        [torch.cat([q_txt[s], qs]) for s, qs in enumerate(pack.split(q_img))],
-        [torch.cat([k_txt[s], keys[s]]) for s in range(s_count)],
-        [torch.cat([v_txt[s], values[s]]) for s in range(s_count)],
-    )
+    out = segment_attention([torch.cat([q_txt[s], qs]) for s, qs in enumerate(pack.split(q_img))], keys, values)
     attn_out = torch.cat([torch.cat([o[:n_txt_tokens] for o in out]), torch.cat([o[n_txt_tokens:] for o in out])])
     attn_out = attn_out.to(q.dtype)
     tokens = tokens + gate[tok_seq] * block.proj_out(torch.cat([attn_out, mlp], dim=1))

@@ -1,0 +1,1 @@
+"""Benchmarks and load generators: engine step speed, serving traces, quality reports."""

@@ -1,0 +1,131 @@
+"""Per-step transformer time: stock diffusers forward vs mask-aware KV mode vs Y mode, beside the FLOP ideal.
+
+    python -m loadtest.engine_bench --json out/engine_bench.json [--preset flux-bench] [--seconds 1.5]
+
+All variants run in one process on the same model, interleaved round-robin so machine noise hits each alike;
+each cell reports the median (and min) over repeats. Prints a Markdown table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from instgenie.engine.flops import FluxShape, ideal_speedup
+from instgenie.engine.latents import image_ids
+from instgenie.engine.models.loader import preset_model
+from instgenie.engine.transformer.cache_view import StepCache
+from instgenie.engine.transformer.reference import dense_forward
+from instgenie.engine.transformer.sparse import PackedStep, sparse_forward
+
+
+def _inputs(model, batch: int, seed: int):
+    tr = model.transformer
+    h = w = model.info.resolution[0] // model.codec.scale_factor
+    g = torch.Generator().manual_seed(seed)
+    text = model.text.encode([f"prompt {i}" for i in range(batch)])
+    return dict(
+        latents=torch.randn(batch, (h // 2) * (w // 2), tr.config.in_channels, generator=g),
+        prompt_embeds=text.prompt_embeds, pooled=text.pooled, timestep=torch.full((batch,), 0.5),
+        txt_ids=text.text_ids, img_ids=image_ids(h, w),
+        guidance=torch.full((batch,), 3.5) if tr.config.guidance_embeds else None,
+    )
+
+
+def _sparse_step(inputs, caches, index, mode):
+    return PackedStep(
+        x=torch.cat([inputs["latents"][s, idx] for s, idx in enumerate(index)]), token_index=index,
+        prompt_embeds=inputs["prompt_embeds"], pooled=inputs["pooled"], timestep=inputs["timestep"],
+        txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"], caches=caches, mode=mode,
+        guidance=inputs["guidance"], x_full=inputs["latents"] if mode == "y" else None,
+    )
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def bench_cell(model, batch: int, ratio: float, seconds: float, min_reps: int = 3) -> dict:
+    tr = model.transformer
+    inputs = _inputs(model, batch, seed=batch)
+    n = inputs["latents"].shape[1]
+    computed = max(1, round(ratio * n))
+    g = torch.Generator().manual_seed(17)
+    index = [torch.randperm(n, generator=g)[:computed].sort().values for _ in range(batch)]
+    variants = {}
+    for mode in ("kv", "y"):
+        record: dict = {}
+        dense_forward(tr, **inputs, mode=mode, record=record)
+        caches = [StepCache(record, s) for s in range(batch)]
+        variants[mode] = (lambda st=_sparse_step(inputs, caches, index, mode): sparse_forward(tr, st))
+    variants = {"stock": lambda: dense_forward(tr, **inputs), **variants}
+    times = {k: [] for k in variants}
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up
+            fn()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times["stock"]) < min_reps:
+            for name, fn in variants.items():
+                times[name].append(_time(fn))
+    shape = FluxShape.of(tr)
+    text_tokens = inputs["prompt_embeds"].shape[1]
+    row = {"batch": batch, "ratio": ratio, "image_tokens": n, "computed_tokens": computed, "text_tokens": text_tokens,
+           "reps": len(times["stock"])}
+    for name, ts in times.items():
+        row[f"{name}_ms"] = statistics.median(ts)
+        row[f"{name}_min_ms"] = min(ts)
+    for mode in ("kv", "y"):
+        row[f"{mode}_speedup"] = row["stock_ms"] / row[f"{mode}_ms"]
+        row[f"{mode}_ideal"] = ideal_speedup(shape, n, text_tokens, computed, mode)
+        row[f"{mode}_efficiency"] = row[f"{mode}_speedup"] / row[f"{mode}_ideal"]
+    return row
+
+
+def markdown(rows: list[dict], preset: str) -> str:
+    lines = [f"preset {preset}: {rows[0]['image_tokens']} image tokens, {rows[0]['text_tokens']} text tokens; "
+             "median ms per transformer call (one denoising step of the batch)", "",
+             "| batch | mask ratio | stock ms | KV ms | KV speedup | KV FLOP-ideal | KV % of ideal "
+             "| Y ms | Y speedup | Y FLOP-ideal | Y % of ideal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['ratio']:.2f} | {r['stock_ms']:.1f} | {r['kv_ms']:.1f} | {r['kv_speedup']:.2f}x "
+            f"| {r['kv_ideal']:.2f}x | {100 * r['kv_efficiency']:.0f}% | {r['y_ms']:.1f} | {r['y_speedup']:.2f}x "
+            f"| {r['y_ideal']:.2f}x | {100 * r['y_efficiency']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="flux-bench", help="model preset (flux-bench has 1024 image tokens)")
+    ap.add_argument("--ratios", default="0.1,0.25,0.5")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--seconds", type=float, default=1.5, help="measuring time per cell")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = preset_model(args.preset)
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        for ratio in map(float, args.ratios.split(",")):
+            rows.append(bench_cell(model, batch, ratio, args.seconds))
+            print(f"batch {batch} ratio {ratio}: done", file=sys.stderr)
+    print(markdown(rows, args.preset))
+    result = {"preset": args.preset, "threads": args.threads, "torch": torch.__version__, "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
