@@ -50,6 +50,9 @@ def build_flux_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxInpaintPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    from .loader import _quiet_libraries
+
+    _quiet_libraries()
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[name]

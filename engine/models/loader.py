@@ -50,12 +50,24 @@ def fingerprint(transformer: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _quiet_libraries() -> None:
+    """Loading and prompt truncation chatter from diffusers/transformers is noise in a server log."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> EditModel:
     """Load with `from_pretrained` from a local directory; never downloads.
 
     A directory with `instgenie_model.json` is one of ours (a preset or the digits model); a directory with
     only diffusers' `model_index.json` is a real Flux checkpoint (FLUX.1-dev/-schnell through the inpaint blend).
     """
+    _quiet_libraries()
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {str(path)!r} does not exist")
@@ -88,7 +100,7 @@ def _load_flux(path: Path, meta: dict | None, device, dtype) -> EditModel:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        pipe = FluxInpaintPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        pipe = FluxInpaintPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a Flux pipeline from {str(path)!r}: {exc}") from exc
     pipe = pipe.to(device)
