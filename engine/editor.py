@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
-from .errors import CacheMismatchError, InvalidImageError, InvalidInputError, InvalidStepsError, TemplateNotFoundError
+from .errors import CacheMismatchError, InstGenIEError, InvalidImageError, InvalidInputError, InvalidStepsError, TemplateNotFoundError
 from .latents import image_ids, image_to_tensor, pack, tensor_to_image, unpack
 from .masks import load_mask, tokens_from_mask
 from .models.loader import EditModel
@@ -30,6 +31,7 @@ class Editor:
         self.store = store
         # Step shards of recently used templates, kept in memory (the host tier replaces this in services).
         self._resident: OrderedDict[str, dict[int, dict]] = OrderedDict()
+        self._lock = threading.Lock()  # start() runs in a pre-processing pool beside the engine loop
         self._resident_templates = resident_templates
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -139,17 +141,20 @@ class Editor:
     # ------------------------------------------------------------------------------------------ edits
     def _template_cache(self, manifest: TemplateManifest):
         tid = manifest.template_id
-        if tid not in self._resident:
-            self._resident[tid] = {}
-            while len(self._resident) > self._resident_templates:
-                self._resident.popitem(last=False)
-        self._resident.move_to_end(tid)
-        steps = self._resident[tid]
+        with self._lock:
+            if tid not in self._resident:
+                self._resident[tid] = {}
+                while len(self._resident) > self._resident_templates:
+                    self._resident.popitem(last=False)
+            self._resident.move_to_end(tid)
+            steps = self._resident[tid]
 
         def get(step: int) -> dict:
-            if step not in steps:
-                steps[step] = {k: v.to(self.model.device) for k, v in self.store.step(manifest, step).items()}
-            return steps[step]
+            shard = steps.get(step)
+            if shard is None:
+                shard = {k: v.to(self.model.device) for k, v in self.store.step(manifest, step).items()}
+                steps[step] = shard
+            return shard
 
         return get
 
@@ -195,8 +200,9 @@ class Editor:
             cache=self._template_cache(manifest),
         )
 
-    def step(self, states: list[RequestState], use_cache: list[bool] | None = None) -> None:
-        denoise_step(self.model.transformer, states, use_cache)
+    def step(self, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
+        """One denoising step for all states; returns {request_id: error} of requests that failed alone."""
+        return denoise_step(self.model.transformer, states, use_cache)
 
     @torch.no_grad()
     def finish(self, state: RequestState) -> EditResult:
@@ -216,7 +222,9 @@ class Editor:
         """One edit, start to finish, alone in its batch."""
         state = self.start(EditRequest(template_id=template_id, mask=mask, prompt=prompt, **kwargs))
         while not state.done:
-            self.step([state])
+            failed = self.step([state])
+            if failed:
+                raise InstGenIEError(failed[state.request.request_id])
         return self.finish(state)
 
     def delete_template(self, template_id: str) -> None:

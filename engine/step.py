@@ -25,14 +25,45 @@ def batch_key(state: RequestState) -> tuple:
 
 
 @torch.no_grad()
-def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] | None = None) -> None:
-    """Advance every state by one step. All states must share `batch_key`."""
+def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
+    """Advance every state by one step; all must share `batch_key`.
+
+    Returns {request_id: error} for requests that failed on their own (their cache could not be read, their
+    scheduler step raised); those are left untouched and the others advance. An error of the shared
+    transformer call propagates: the caller decides how to isolate it (see EngineLoop).
+    """
+    failed: dict[str, str] = {}
     if not states:
-        return
+        return failed
     keys = {batch_key(s) for s in states}
     if len(keys) != 1:
         raise ValueError(f"states of different batch keys cannot share a step: {sorted(map(str, keys))}")
     start = time.perf_counter()
+    shards = {}
+    for s in states:
+        try:
+            shards[id(s)] = s.cache(s.step_index)
+        except Exception as exc:  # noqa: BLE001 - one request's cache problem must not stop the batch
+            failed[s.request.request_id] = f"{type(exc).__name__}: {exc}"
+    states = [s for s in states if id(s) in shards]
+    if not states:
+        return failed
+    preds = _predict(transformer, states, shards, use_cache)
+    elapsed = time.perf_counter() - start
+    offset = 0
+    for s in states:
+        pred = preds[offset:offset + s.branches]
+        offset += s.branches
+        try:
+            _advance(s, pred)
+        except Exception as exc:  # noqa: BLE001
+            failed[s.request.request_id] = f"{type(exc).__name__}: {exc}"
+        s.step_times.append(elapsed)
+    return failed
+
+
+def _predict(transformer, states: list[RequestState], shards: dict, use_cache) -> torch.Tensor:
+    """Transformer output for every sequence (request x guidance branch), (S, N, 4C)."""
     first = states[0]
     path, mode = first.request.path, first.manifest.cache_mode
     h, w = (r // _scale(first) for r in first.manifest.resolution)
@@ -40,16 +71,11 @@ def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] 
     img_ids = image_ids(h, w, device, dtype)
     txt_ids = first.text.text_ids
 
-    seqs = []  # (state, branch)
-    for s in states:
-        seqs += [(s, g) for g in range(s.branches)]
+    seqs = [(s, g) for s in states for g in range(s.branches)]
     prompt_embeds = torch.cat([s.text.prompt_embeds[g:g + 1] for s, g in seqs])
     pooled = torch.cat([s.text.pooled[g:g + 1] for s, g in seqs])
     timestep = torch.stack([s.timesteps[s.step_index].to(dtype) / 1000 for s, _ in seqs])
-    guidance = None
-    if first.guidance is not None:
-        guidance = torch.cat([s.guidance for s, _ in seqs])
-    shards = {id(s): s.cache(s.step_index) for s in states}
+    guidance = torch.cat([s.guidance for s, _ in seqs]) if first.guidance is not None else None
     caches = [StepCache(shards[id(s)], g, device) for s, g in seqs]
 
     if path == "sparse":
@@ -66,23 +92,13 @@ def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] 
             full = torch.zeros_like(s.latents[0])
             full[s.mask.index] = part
             preds.append(full)
-        preds = torch.stack(preds)
-    else:
-        latents = torch.cat([s.latents for s, _ in seqs])
-        if path == "dense":
-            keep = torch.stack([s.mask.tokens for s, _ in seqs])
-            preds = dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance,
-                                  mode=mode, caches=caches, keep=keep, use_cache=use_cache)
-        else:
-            preds = dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance)
-
-    offset = 0
-    elapsed = time.perf_counter() - start
-    for s in states:
-        pred = preds[offset:offset + s.branches]
-        offset += s.branches
-        _advance(s, pred)
-        s.step_times.append(elapsed)
+        return torch.stack(preds)
+    latents = torch.cat([s.latents for s, _ in seqs])
+    if path == "dense":
+        keep = torch.stack([s.mask.tokens for s, _ in seqs])
+        return dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance,
+                             mode=mode, caches=caches, keep=keep, use_cache=use_cache)
+    return dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance)
 
 
 def _scale(state: RequestState) -> int:
