@@ -69,6 +69,29 @@ def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t.unflatten(-1, (-1, head_dim))
 
 
+def _fused_linear(owner: torch.nn.Module, names: tuple[str, ...]):
+    """Weights of several linears that read the same input, concatenated so one matmul serves them all.
+
+    With few masked tokens a step is dominated by per-call overhead, so 3-4 small matmuls become one. Memoised
+    on the module and rebuilt if any weight is replaced, moved or modified in place.
+    """
+    layers = [owner.get_submodule(n) for n in names]
+    stamp = tuple((l.weight.data_ptr(), l.weight._version, l.bias.data_ptr(), l.bias._version) for l in layers)
+    attr = "_instgenie_fused_" + "_".join(n.replace(".", "") for n in names)
+    cached = owner.__dict__.get(attr)
+    if cached is None or cached[0] != stamp:
+        weight = torch.cat([l.weight for l in layers])
+        bias = torch.cat([l.bias for l in layers])
+        cached = (stamp, weight, bias, [l.weight.shape[0] for l in layers])
+        owner.__dict__[attr] = cached
+    return cached[1], cached[2], cached[3]
+
+
+def _project(owner, names, x):
+    weight, bias, sizes = _fused_linear(owner, names)
+    return F.linear(x, weight, bias).split(sizes, dim=-1)
+
+
 @torch.no_grad()
 def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
     """Noise prediction for the packed computed tokens, (Ntot, C_out)."""
@@ -182,8 +205,9 @@ def _kv_buffers(caches, block, txt_k, txt_v, k_new, v_new, pack):
 def _full_kv_buffers(attn, norm_full, cos_all, sin_all, txt_k, txt_v):
     """Y mode: [text K/V | K/V of every image token projected from the rebuilt full input], head-major."""
     d = attn.head_dim
-    k = attn.norm_k(_heads(attn.to_k(norm_full), d))
-    v = _heads(attn.to_v(norm_full), d)
+    k, v = _project(attn, ("to_k", "to_v"), norm_full)
+    k = attn.norm_k(_heads(k, d))
+    v = _heads(v, d)
     s, n = k.shape[:2]
     k = apply_rope(k.flatten(0, 1), cos_all.repeat(s, 1), sin_all.repeat(s, 1)).unflatten(0, (s, n))
     keys = torch.cat([txt_k, k], dim=1).transpose(1, 2)
@@ -203,17 +227,22 @@ def _dual_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, c
     n_img = _modulate(block.norm1.norm(h_img), shift_msa[seq], scale_msa[seq])
     n_txt = block.norm1_context.norm(txt) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
 
-    q = apply_rope(attn.norm_q(_heads(attn.to_q(n_img), d)), cos_img, sin_img)
-    tq = attn.norm_added_q(_heads(attn.add_q_proj(n_txt), d))
-    tk = attn.norm_added_k(_heads(attn.add_k_proj(n_txt), d))
-    tv = _heads(attn.add_v_proj(n_txt), d)
+    if step.mode == "kv":
+        q, k, v = _project(attn, ("to_q", "to_k", "to_v"), n_img)
+    else:
+        q = attn.to_q(n_img)
+    q = apply_rope(attn.norm_q(_heads(q, d)), cos_img, sin_img)
+    tq, tk, tv = _project(attn, ("add_q_proj", "add_k_proj", "add_v_proj"), n_txt)
+    tq = attn.norm_added_q(_heads(tq, d))
+    tk = attn.norm_added_k(_heads(tk, d))
+    tv = _heads(tv, d)
     s_count, n_txt_tokens = tq.shape[:2]
     tq = apply_rope(tq.flatten(0, 1), cos_txt.repeat(s_count, 1), sin_txt.repeat(s_count, 1)).unflatten(0, tq.shape[:2])
     tk = apply_rope(tk.flatten(0, 1), cos_txt.repeat(s_count, 1), sin_txt.repeat(s_count, 1)).unflatten(0, tk.shape[:2])
 
     if step.mode == "kv":
-        k = apply_rope(attn.norm_k(_heads(attn.to_k(n_img), d)), cos_img, sin_img)
-        v = _heads(attn.to_v(n_img), d)
+        k = apply_rope(attn.norm_k(_heads(k, d)), cos_img, sin_img)
+        v = _heads(v, d)
         keys, values = _kv_buffers(step.caches, b, tk, tv, k, v, pack)
     else:
         norm_full = block.norm1.norm(full_in) * (1 + scale_msa[:, None]) + shift_msa[:, None]
@@ -252,20 +281,21 @@ def _single_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt,
     emb = block.norm.linear(block.norm.silu(temb))
     shift, scale, gate = emb.chunk(3, dim=1)
     normed = _modulate(block.norm.norm(tokens), shift[tok_seq], scale[tok_seq])
-    mlp = block.act_mlp(block.proj_mlp(normed))
-    q = apply_rope(attn.norm_q(_heads(attn.to_q(normed), d)), cos_tok, sin_tok)
+    q, k, v, mlp = _project(block, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), normed)
+    mlp = block.act_mlp(mlp)
+    q = apply_rope(attn.norm_q(_heads(q, d)), cos_tok, sin_tok)
     n_t = s_count * n_txt_tokens
     q_txt, q_img = q[:n_t].unflatten(0, (s_count, n_txt_tokens)), q[n_t:]
 
     if step.mode == "kv":
-        k = apply_rope(attn.norm_k(_heads(attn.to_k(normed), d)), cos_tok, sin_tok)
-        v = _heads(attn.to_v(normed), d)
+        k = apply_rope(attn.norm_k(_heads(k, d)), cos_tok, sin_tok)
+        v = _heads(v, d)
         k_txt, v_txt = k[:n_t].unflatten(0, (s_count, n_txt_tokens)), v[:n_t].unflatten(0, (s_count, n_txt_tokens))
         keys, values = _kv_buffers(step.caches, b, k_txt, v_txt, k[n_t:], v[n_t:], pack)
     else:
-        normed_txt = normed[:n_t]
-        k_txt = apply_rope(attn.norm_k(_heads(attn.to_k(normed_txt), d)), cos_tok[:n_t], sin_tok[:n_t])
-        v_txt = _heads(attn.to_v(normed_txt), d)
+        # Text rows keep their fresh K/V; the masked image rows' K/V come from the rebuilt full input below.
+        k_txt = apply_rope(attn.norm_k(_heads(k[:n_t], d)), cos_tok[:n_t], sin_tok[:n_t])
+        v_txt = _heads(v[:n_t], d)
         k_txt, v_txt = k_txt.unflatten(0, (s_count, n_txt_tokens)), v_txt.unflatten(0, (s_count, n_txt_tokens))
         norm_full = block.norm.norm(full_in) * (1 + scale[:, None]) + shift[:, None]
         keys, values = _full_kv_buffers(attn, norm_full, cos_all, sin_all, k_txt, v_txt)
