@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import threading
 import time
-from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from .errors import CacheMismatchError, InstGenIEError, InvalidImageError, InvalidInputError, InvalidStepsError, TemplateNotFoundError
+from .cache_provider import CacheProvider, MemoProvider
 from .latents import image_ids, image_to_tensor, pack, tensor_to_image, unpack
 from .masks import load_mask, tokens_from_mask
 from .models.loader import EditModel
@@ -26,13 +25,12 @@ MAX_STEPS = 200
 class Editor:
     """Registers templates and serves edits on one model. Not thread-safe: one engine loop drives it."""
 
-    def __init__(self, model: EditModel, store: TemplateStore, resident_templates: int = 4):
+    def __init__(self, model: EditModel, store: TemplateStore, resident_templates: int = 4,
+                 cache: CacheProvider | None = None):
         self.model = model
         self.store = store
-        # Step shards of recently used templates, kept in memory (the host tier replaces this in services).
-        self._resident: OrderedDict[str, dict[int, dict]] = OrderedDict()
-        self._lock = threading.Lock()  # start() runs in a pre-processing pool beside the engine loop
-        self._resident_templates = resident_templates
+        # Where step shards come from: by default a memo of recent templates; workers plug the host tier in.
+        self.cache = cache or MemoProvider(store, resident_templates)
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -140,23 +138,15 @@ class Editor:
 
     # ------------------------------------------------------------------------------------------ edits
     def _template_cache(self, manifest: TemplateManifest):
-        tid = manifest.template_id
-        with self._lock:
-            if tid not in self._resident:
-                self._resident[tid] = {}
-                while len(self._resident) > self._resident_templates:
-                    self._resident.popitem(last=False)
-            self._resident.move_to_end(tid)
-            steps = self._resident[tid]
+        get = self.cache.getter(manifest)
+        device = self.model.device
+        if device.type == "cpu":
+            return get
+        return lambda step: {k: v.to(device, non_blocking=True) for k, v in get(step).items()}
 
-        def get(step: int) -> dict:
-            shard = steps.get(step)
-            if shard is None:
-                shard = {k: v.to(self.model.device) for k, v in self.store.step(manifest, step).items()}
-                steps[step] = shard
-            return shard
-
-        return get
+    def prefetch(self, template_id: str) -> None:
+        """Start warming a template's cache, e.g. as soon as a request for it is assigned to this worker."""
+        self.cache.prefetch(self.store.manifest(template_id))
 
     def start(self, request: EditRequest) -> RequestState:
         """Validate and pre-process a request into its own state (off the denoising loop)."""
@@ -215,7 +205,7 @@ class Editor:
         return EditResult(
             request_id=state.request.request_id, image=tensor_to_image(decoded), latents=state.latents,
             mask_ratio=state.mask.ratio, steps=state.total_steps, seconds=time.monotonic() - state.created,
-            step_seconds=list(state.step_times),
+            step_seconds=list(state.step_times), degraded=state.degraded,
         )
 
     def edit(self, template_id: str, mask, prompt: str, **kwargs) -> EditResult:
@@ -228,7 +218,7 @@ class Editor:
         return self.finish(state)
 
     def delete_template(self, template_id: str) -> None:
-        self._resident.pop(template_id, None)
+        self.cache.forget(template_id)
         self.store.delete(template_id)
 
     def has_template(self, template_id: str) -> bool:

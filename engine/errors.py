@@ -55,6 +55,12 @@ class CacheIntegrityError(InstGenIEError):
     grpc_code = "DATA_LOSS"
 
 
+class CacheUnavailableError(InstGenIEError):
+    """The store holding template caches cannot be reached right now; retrying later may work."""
+
+    grpc_code = "UNAVAILABLE"
+
+
 class ModelLoadError(InstGenIEError):
     """A model directory is missing, incomplete or of an unknown kind."""
 

@@ -32,6 +32,8 @@ class EditRequest:
     deadline: float | None = None  # time.monotonic() value after which the request is abandoned
     request_id: str = field(default_factory=lambda: f"edit-{next(_ids)}")
     allow_empty_mask: bool = False  # internal: an empty mask returns the template (used by tests)
+    #: if a cache shard is corrupt or unreachable mid-edit, finish by computing every token (never a wrong image)
+    fallback_to_full: bool = True
 
 
 @dataclass
@@ -53,6 +55,8 @@ class RequestState:
     cfg_scale: float | None  # true CFG scale, None when the model has no CFG
     cache: Callable[[int], dict[str, torch.Tensor]]  # step -> that step's cache tensors
     step_index: int = 0
+    #: set when the cache failed and the request continues with full compute; says why
+    degraded: str | None = None
     created: float = field(default_factory=time.monotonic)
     step_times: list[float] = field(default_factory=list)
 
@@ -78,3 +82,4 @@ class EditResult:
     steps: int
     seconds: float
     step_seconds: list[float]
+    degraded: str | None = None  # why the edit fell back to full compute, if it did

@@ -1,15 +1,19 @@
 """One denoising step for a batch of request states: pack, run the transformer once, step each scheduler."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
+from .errors import CacheIntegrityError, CacheUnavailableError
 from .latents import image_ids
 from .request import RequestState
 from .transformer.cache_view import StepCache
 from .transformer.reference import dense_forward
 from .transformer.sparse import PackedStep, sparse_forward
+
+log = logging.getLogger(__name__)
 
 
 def renoise(image_latents: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -41,31 +45,49 @@ def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] 
     start = time.perf_counter()
     shards = {}
     for s in states:
+        if s.degraded is not None:
+            continue
         try:
             shards[id(s)] = s.cache(s.step_index)
+        except (CacheIntegrityError, CacheUnavailableError) as exc:
+            if s.request.fallback_to_full:
+                s.degraded = f"{type(exc).__name__} at step {s.step_index}: {exc}"
+                log.warning("request %s continues without cache: %s", s.request.request_id, s.degraded)
+            else:
+                failed[s.request.request_id] = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - one request's cache problem must not stop the batch
             failed[s.request.request_id] = f"{type(exc).__name__}: {exc}"
-    states = [s for s in states if id(s) in shards]
-    if not states:
-        return failed
-    preds = _predict(transformer, states, shards, use_cache)
+    states = [s for s in states if s.request.request_id not in failed]
+    cached = [s for s in states if s.degraded is None]
+    fallback = [s for s in states if s.degraded is not None]
+    preds = {}
+    if cached:
+        out = _predict(transformer, cached, shards, use_cache, cached[0].request.path)
+        preds.update(_by_state(cached, out))
+    if fallback:  # cache lost: these compute every token, like a request that never had a cache
+        preds.update(_by_state(fallback, _predict(transformer, fallback, {}, None, "full")))
     elapsed = time.perf_counter() - start
-    offset = 0
     for s in states:
-        pred = preds[offset:offset + s.branches]
-        offset += s.branches
         try:
-            _advance(s, pred)
+            _advance(s, preds[id(s)])
         except Exception as exc:  # noqa: BLE001
             failed[s.request.request_id] = f"{type(exc).__name__}: {exc}"
         s.step_times.append(elapsed)
     return failed
 
 
-def _predict(transformer, states: list[RequestState], shards: dict, use_cache) -> torch.Tensor:
+def _by_state(states: list[RequestState], preds: torch.Tensor) -> dict[int, torch.Tensor]:
+    out, offset = {}, 0
+    for s in states:
+        out[id(s)] = preds[offset:offset + s.branches]
+        offset += s.branches
+    return out
+
+
+def _predict(transformer, states: list[RequestState], shards: dict, use_cache, path: str) -> torch.Tensor:
     """Transformer output for every sequence (request x guidance branch), (S, N, 4C)."""
     first = states[0]
-    path, mode = first.request.path, first.manifest.cache_mode
+    mode = first.manifest.cache_mode
     h, w = (r // _scale(first) for r in first.manifest.resolution)
     device, dtype = first.latents.device, first.latents.dtype
     img_ids = image_ids(h, w, device, dtype)
@@ -76,7 +98,7 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache) -
     pooled = torch.cat([s.text.pooled[g:g + 1] for s, g in seqs])
     timestep = torch.stack([s.timesteps[s.step_index].to(dtype) / 1000 for s, _ in seqs])
     guidance = torch.cat([s.guidance for s, _ in seqs]) if first.guidance is not None else None
-    caches = [StepCache(shards[id(s)], g, device) for s, g in seqs]
+    caches = [StepCache(shards[id(s)], g, device) for s, g in seqs] if path != "full" else []
 
     if path == "sparse":
         step = PackedStep(

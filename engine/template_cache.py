@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CacheIntegrityError, TemplateNotFoundError
+from .errors import CacheIntegrityError, CacheUnavailableError, TemplateNotFoundError
 
 FORMAT_VERSION = 1
 
@@ -134,11 +134,21 @@ def step_shard(step: int) -> str:
 
 
 class TemplateStore:
-    """Reads and writes template caches on a BlobStore, checking every shard's sha256 on read."""
+    """Reads and writes template caches on a BlobStore, checking every shard's sha256 on read.
+
+    A store that cannot be reached (any ConnectionError/TimeoutError of the blob store) surfaces as
+    CacheUnavailableError, so callers can tell "try later / compute without cache" from "no such template".
+    """
 
     def __init__(self, blobs: BlobStore, prefix: str = "templates"):
         self.blobs = blobs
         self.prefix = prefix.rstrip("/")
+
+    def _get(self, key: str) -> bytes:
+        try:
+            return self.blobs.get(key)
+        except (ConnectionError, TimeoutError) as exc:
+            raise CacheUnavailableError(f"template cache store unreachable while reading {key!r}: {exc}") from exc
 
     def _key(self, template_id: str, name: str) -> str:
         return f"{self.prefix}/{template_id}/{name}"
@@ -154,11 +164,14 @@ class TemplateStore:
         self.blobs.put(self._key(manifest.template_id, "manifest.json"), manifest.to_json())
 
     def exists(self, template_id: str) -> bool:
-        return self.blobs.exists(self._key(template_id, "manifest.json"))
+        try:
+            return self.blobs.exists(self._key(template_id, "manifest.json"))
+        except (ConnectionError, TimeoutError) as exc:
+            raise CacheUnavailableError(f"template cache store unreachable: {exc}") from exc
 
     def manifest(self, template_id: str) -> TemplateManifest:
         try:
-            return TemplateManifest.from_json(self.blobs.get(self._key(template_id, "manifest.json")))
+            return TemplateManifest.from_json(self._get(self._key(template_id, "manifest.json")))
         except KeyError:
             raise TemplateNotFoundError(f"template {template_id!r} does not exist; register it first") from None
 
@@ -167,7 +180,7 @@ class TemplateStore:
         if info is None:
             raise CacheIntegrityError(f"template {manifest.template_id!r} has no shard {name!r} in its manifest")
         try:
-            data = self.blobs.get(self._key(manifest.template_id, name))
+            data = self._get(self._key(manifest.template_id, name))
         except KeyError:
             raise CacheIntegrityError(f"shard {name!r} of template {manifest.template_id!r} is missing") from None
         digest = hashlib.sha256(data).hexdigest()
@@ -176,7 +189,10 @@ class TemplateStore:
                 f"shard {name!r} of template {manifest.template_id!r} is corrupt "
                 f"(sha256 {digest[:12]}..., manifest says {info['sha256'][:12]}...); re-register the template"
             )
-        return st_load(data)
+        try:
+            return st_load(data)
+        except Exception as exc:  # noqa: BLE001 - a parse failure of verified bytes is still data loss
+            raise CacheIntegrityError(f"shard {name!r} of template {manifest.template_id!r} cannot be parsed: {exc}") from exc
 
     def step(self, manifest: TemplateManifest, step: int) -> dict[str, torch.Tensor]:
         return self.shard(manifest, step_shard(step))

@@ -1,6 +1,7 @@
 """Template cache format: the size formula, integrity checks and lookups."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from instgenie.engine.errors import CacheIntegrityError, TemplateNotFoundError
@@ -52,3 +53,20 @@ def test_corrupt_shard_is_detected(tiny_editor, tmp_path):
 def test_unknown_template(tiny_editor):
     with pytest.raises(TemplateNotFoundError, match="register it first"):
         tiny_editor.edit("tpl-nope", None, "x")
+
+
+def test_corrupt_shard_mid_edit_falls_back_to_full_compute(tiny_editor, tmp_path):
+    """A corrupt cache never yields a wrong image: from the bad step on, every token is computed."""
+    res = tiny_editor.model.info.resolution
+    manifest = tiny_editor.register_template(random_image(res, 2), "p", steps=3)
+    path = tmp_path / "store" / "templates" / manifest.template_id / step_shard(0)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    mask = np.zeros(res); mask[10:60, 20:90] = 1
+    degraded = tiny_editor.edit(manifest.template_id, mask, "q", seed=1)
+    full = tiny_editor.edit(manifest.template_id, mask, "q", seed=1, path="full")
+    assert "corrupt" in degraded.degraded and full.degraded is None
+    assert (degraded.latents - full.latents).abs().max().item() < 1e-5
+    with pytest.raises(Exception, match="corrupt"):
+        tiny_editor.edit(manifest.template_id, mask, "q", seed=1, fallback_to_full=False)

@@ -120,11 +120,16 @@ def test_a_failing_request_does_not_harm_its_batch_neighbours(tiny_editor, tmp_p
     data = bytearray(path.read_bytes()); data[-3] ^= 0xFF; path.write_bytes(bytes(data))
     loop = EngineLoop(tiny_editor, max_batch_size=4)
     try:
-        bad = loop.submit(EditRequest(bad_tpl.template_id, masks_for(res)["disc"], "x"))
+        strict = loop.submit(EditRequest(bad_tpl.template_id, masks_for(res)["disc"], "x", fallback_to_full=False))
+        degraded = loop.submit(EditRequest(bad_tpl.template_id, masks_for(res)["disc"], "x"))
         ok = loop.submit(good)
         with pytest.raises(RequestAborted, match="corrupt"):
-            bad.result(timeout=60)
-        assert (ok.result(timeout=60).latents - expected).abs().max().item() < 1e-5
+            strict.result(timeout=60)
+        # by default the request survives: from the corrupt step on it computes every token
+        assert "corrupt" in degraded.result(timeout=60).degraded
+        result = ok.result(timeout=60)
+        assert result.degraded is None
+        assert (result.latents - expected).abs().max().item() < 1e-5
     finally:
         loop.stop()
 
