@@ -45,8 +45,8 @@ def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] 
     start = time.perf_counter()
     shards = {}
     for s in states:
-        if s.degraded is not None:
-            continue
+        if s.degraded is not None or s.request.path == "full":
+            continue  # a full recompute needs no cache
         try:
             shards[id(s)] = s.cache(s.step_index)
         except (CacheIntegrityError, CacheUnavailableError) as exc:
