@@ -11,6 +11,7 @@ import torch
 from .errors import CacheMismatchError, InstGenIEError, InvalidImageError, InvalidInputError, InvalidStepsError, TemplateNotFoundError
 from .cache_provider import CacheProvider, MemoProvider
 from .latents import image_ids, image_to_tensor, pack, tensor_to_image, unpack
+from .pipeline import PipelineConfig
 from .masks import load_mask, tokens_from_mask
 from .models.loader import EditModel
 from .request import EDIT_PATHS, EditRequest, EditResult, RequestState
@@ -26,9 +27,11 @@ class Editor:
     """Registers templates and serves edits on one model. Not thread-safe: one engine loop drives it."""
 
     def __init__(self, model: EditModel, store: TemplateStore, resident_templates: int = 4,
-                 cache: CacheProvider | None = None):
+                 cache: CacheProvider | None = None, pipeline: PipelineConfig | None = None):
         self.model = model
         self.store = store
+        # None: shards are used where they are; a config streams them to the device per block (and plans).
+        self.pipeline = pipeline
         # Where step shards come from: by default a memo of recent templates; workers plug the host tier in.
         self.cache = cache or MemoProvider(store, resident_templates)
 
@@ -192,7 +195,7 @@ class Editor:
 
     def step(self, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
         """One denoising step for all states; returns {request_id: error} of requests that failed alone."""
-        return denoise_step(self.model.transformer, states, use_cache)
+        return denoise_step(self.model.transformer, states, use_cache, self.pipeline)
 
     @torch.no_grad()
     def finish(self, state: RequestState) -> EditResult:

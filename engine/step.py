@@ -7,6 +7,7 @@ import time
 import torch
 
 from .errors import CacheIntegrityError, CacheUnavailableError
+from .pipeline import PipelineConfig, StreamedCache, open_loader, plan_step
 from .latents import image_ids
 from .request import RequestState
 from .transformer.cache_view import StepCache
@@ -29,7 +30,8 @@ def batch_key(state: RequestState) -> tuple:
 
 
 @torch.no_grad()
-def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
+def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] | None = None,
+                 pipeline: PipelineConfig | None = None) -> dict[str, str]:
     """Advance every state by one step; all must share `batch_key`.
 
     Returns {request_id: error} for requests that failed on their own (their cache could not be read, their
@@ -62,7 +64,7 @@ def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] 
     fallback = [s for s in states if s.degraded is not None]
     preds = {}
     if cached:
-        out = _predict(transformer, cached, shards, use_cache, cached[0].request.path)
+        out = _predict(transformer, cached, shards, use_cache, cached[0].request.path, pipeline)
         preds.update(_by_state(cached, out))
     if fallback:  # cache lost: these compute every token, like a request that never had a cache
         preds.update(_by_state(fallback, _predict(transformer, fallback, {}, None, "full")))
@@ -84,7 +86,8 @@ def _by_state(states: list[RequestState], preds: torch.Tensor) -> dict[int, torc
     return out
 
 
-def _predict(transformer, states: list[RequestState], shards: dict, use_cache, path: str) -> torch.Tensor:
+def _predict(transformer, states: list[RequestState], shards: dict, use_cache, path: str,
+             pipeline: PipelineConfig | None = None) -> torch.Tensor:
     """Transformer output for every sequence (request x guidance branch), (S, N, 4C)."""
     first = states[0]
     mode = first.manifest.cache_mode
@@ -101,6 +104,17 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
     caches = [StepCache(shards[id(s)], g, device) for s, g in seqs] if path != "full" else []
 
     if path == "sparse":
+        loader = None
+        if pipeline is not None:
+            # Stream this step's shards block by block, overlapped with compute (bubble-free pipeline).
+            shard_list = [shards[id(s)] for s in states]
+            position = {id(s): i for i, s in enumerate(states)}
+            n_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+            plan = plan_step(pipeline, mode, shard_list, n_blocks, sum(int(s.mask.index.numel()) for s, _ in seqs),
+                             len(seqs) * first.latents.shape[1])
+            use_cache = plan.use_cache if plan is not None else (use_cache or [True] * n_blocks)
+            loader = open_loader(pipeline, shard_list, n_blocks, use_cache)
+            caches = [StreamedCache(loader, position[id(s)], g) for s, g in seqs]
         step = PackedStep(
             x=torch.cat([s.latents[0, s.mask.index] for s, _ in seqs]),
             token_index=[s.mask.index for s, _ in seqs],
@@ -108,7 +122,12 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
             caches=caches, mode=mode, guidance=guidance, use_cache=use_cache,
             x_full=torch.cat([s.latents for s, _ in seqs]) if mode == "y" else None,
         )
-        packed = sparse_forward(transformer, step)
+        try:
+            packed = sparse_forward(transformer, step)
+        finally:
+            if loader is not None:
+                loader.close()
+                pipeline.keep(loader.report(), plan)
         preds = []
         for (s, _), part in zip(seqs, packed.split([int(s.mask.index.numel()) for s, _ in seqs])):
             full = torch.zeros_like(s.latents[0])

@@ -17,33 +17,10 @@ from pathlib import Path
 import torch
 
 from instgenie.engine.flops import FluxShape, ideal_speedup
-from instgenie.engine.latents import image_ids
 from instgenie.engine.models.loader import preset_model
-from instgenie.engine.transformer.cache_view import StepCache
 from instgenie.engine.transformer.reference import dense_forward
-from instgenie.engine.transformer.sparse import PackedStep, sparse_forward
-
-
-def _inputs(model, batch: int, seed: int):
-    tr = model.transformer
-    h = w = model.info.resolution[0] // model.codec.scale_factor
-    g = torch.Generator().manual_seed(seed)
-    text = model.text.encode([f"prompt {i}" for i in range(batch)])
-    return dict(
-        latents=torch.randn(batch, (h // 2) * (w // 2), tr.config.in_channels, generator=g),
-        prompt_embeds=text.prompt_embeds, pooled=text.pooled, timestep=torch.full((batch,), 0.5),
-        txt_ids=text.text_ids, img_ids=image_ids(h, w),
-        guidance=torch.full((batch,), 3.5) if tr.config.guidance_embeds else None,
-    )
-
-
-def _sparse_step(inputs, caches, index, mode):
-    return PackedStep(
-        x=torch.cat([inputs["latents"][s, idx] for s, idx in enumerate(index)]), token_index=index,
-        prompt_embeds=inputs["prompt_embeds"], pooled=inputs["pooled"], timestep=inputs["timestep"],
-        txt_ids=inputs["txt_ids"], img_ids=inputs["img_ids"], caches=caches, mode=mode,
-        guidance=inputs["guidance"], x_full=inputs["latents"] if mode == "y" else None,
-    )
+from instgenie.engine.transformer.sparse import sparse_forward
+from instgenie.engine.transformer.synthetic import synthetic_step
 
 
 def _time(fn) -> float:
@@ -54,18 +31,13 @@ def _time(fn) -> float:
 
 def bench_cell(model, batch: int, ratio: float, seconds: float, min_reps: int = 3) -> dict:
     tr = model.transformer
-    inputs = _inputs(model, batch, seed=batch)
+    steps = {mode: synthetic_step(model, batch, ratio, mode, seed=batch) for mode in ("kv", "y")}
+    inputs = steps["kv"].inputs
     n = inputs["latents"].shape[1]
-    computed = max(1, round(ratio * n))
-    g = torch.Generator().manual_seed(17)
-    index = [torch.randperm(n, generator=g)[:computed].sort().values for _ in range(batch)]
-    variants = {}
-    for mode in ("kv", "y"):
-        record: dict = {}
-        dense_forward(tr, **inputs, mode=mode, record=record)
-        caches = [StepCache(record, s) for s in range(batch)]
-        variants[mode] = (lambda st=_sparse_step(inputs, caches, index, mode): sparse_forward(tr, st))
-    variants = {"stock": lambda: dense_forward(tr, **inputs), **variants}
+    computed = int(steps["kv"].index[0].numel())
+    variants = {"stock": lambda: dense_forward(tr, **inputs)}
+    for mode, st in steps.items():
+        variants[mode] = (lambda packed=st.packed(): sparse_forward(tr, packed))
     times = {k: [] for k in variants}
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
