@@ -88,6 +88,7 @@ class EngineLoop:
         self.planner = planner  # optional: states -> per-block use_cache list (Y mode)
         self._pre = cf.ThreadPoolExecutor(pre_workers, thread_name_prefix="instgenie-pre")
         self._post = cf.ThreadPoolExecutor(post_workers, thread_name_prefix="instgenie-post")
+        self._warm = cf.ThreadPoolExecutor(1, thread_name_prefix="instgenie-warm")
         self._handles: dict[str, EditHandle] = {}
         self._states: dict[str, RequestState] = {}
         self._ready: queue.Queue = queue.Queue()
@@ -109,8 +110,16 @@ class EngineLoop:
             if request.request_id in self._handles:
                 raise ValueError(f"request id {request.request_id!r} is already in flight")
             self._handles[request.request_id] = handle
+        # Warm the template's cache now, while the request waits for pre-processing and a batch slot.
+        self._warm.submit(self._prefetch, request.template_id)
         self._pre.submit(self._prepare, handle)
         return handle
+
+    def _prefetch(self, template_id: str) -> None:
+        try:
+            self.editor.prefetch(template_id)
+        except Exception as exc:  # noqa: BLE001 - the request itself will report the problem
+            log.debug("prefetch of %s failed: %s", template_id, exc)
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -135,6 +144,7 @@ class EngineLoop:
         self._wake.set()
         self._thread.join(timeout)
         self._pre.shutdown(wait=True, cancel_futures=True)
+        self._warm.shutdown(wait=False, cancel_futures=True)
         self._post.shutdown(wait=True)
         with self._lock:
             handles = list(self._handles.values())
