@@ -127,24 +127,15 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
             raise ValueError("Y mode needs x_full, the inputs of every image token")
         full_in = tr.x_embedder(step.x_full)
 
-    for b, block in enumerate(tr.transformer_blocks):
+    blocks = [(b, blk, _dual_block) for b, blk in enumerate(tr.transformer_blocks)]
+    blocks += [(num_dual + j, blk, _single_block) for j, blk in enumerate(tr.single_transformer_blocks)]
+    for b, block, sparse_block in blocks:
         if step.mode == "y" and not use_cache[b]:
-            h_img, txt, full_in = _dual_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_img_all,
-                                                   sin_img_all, pack)
+            h_img, txt, full_in = _block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_img_all,
+                                              sin_img_all, pack)
             continue
-        h_img, txt = _dual_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img,
-                                 sin_img, cos_img_all, sin_img_all, full_in)
-        if step.mode == "y":
-            full_in = _refresh_full(step.caches, b, h_img, pack)
-
-    for j, block in enumerate(tr.single_transformer_blocks):
-        b = num_dual + j
-        if step.mode == "y" and not use_cache[b]:
-            h_img, txt, full_in = _single_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_img_all,
-                                                     sin_img_all, pack)
-            continue
-        h_img, txt = _single_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img,
-                                   sin_img, cos_img_all, sin_img_all, full_in)
+        h_img, txt = sparse_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt, cos_img, sin_img,
+                                  cos_img_all, sin_img_all, full_in)
         if step.mode == "y":
             full_in = _refresh_full(step.caches, b, h_img, pack)
 
@@ -309,14 +300,8 @@ def _single_block(block, b, h_img, txt, temb, seq, pack, step, cos_txt, sin_txt,
     return tokens[n_t:], tokens[:n_t].unflatten(0, (s_count, n_txt_tokens))
 
 
-def _dual_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_all, sin_all, pack):
+def _block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_all, sin_all, pack):
     """Y mode, block chosen for full compute: run the stock block on every image token."""
-    rope = (torch.cat([cos_txt, cos_all]), torch.cat([sin_txt, sin_all]))
-    txt, full_out = block(hidden_states=full_in, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope)
-    return _gather(full_out, pack), txt, full_out
-
-
-def _single_block_full(block, full_in, txt, temb, cos_txt, sin_txt, cos_all, sin_all, pack):
     rope = (torch.cat([cos_txt, cos_all]), torch.cat([sin_txt, sin_all]))
     txt, full_out = block(hidden_states=full_in, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope)
     return _gather(full_out, pack), txt, full_out
