@@ -76,6 +76,8 @@ class PipelineConfig:
     planner: bool = True  # Y mode only; KV mode cannot compute a block in full
     buffers: int = 2
     device: str = "cpu"
+    #: on CPU, really copy host -> "device" buffers (True) or only model the link time (False: like a DMA engine)
+    copy_on_cpu: bool = False
     costs: BlockCosts | None = None
     reports: list = field(default_factory=list)  # LoaderReport of recent steps, for metrics and benchmarks
     plans: list = field(default_factory=list)
@@ -122,7 +124,7 @@ def open_loader(config: PipelineConfig, shards: list[dict], n_blocks: int, use_c
         for name, tensor in shard.items():
             per_block[int(name.split(".")[1])][f"{i}:{name}"] = tensor
     return BlockLoader(lambda b: per_block[b], use_cache, device=config.device, bandwidth=config.bandwidth,
-                       buffers=config.buffers)
+                       buffers=config.buffers, copy_on_cpu=config.copy_on_cpu)
 
 
 def sequential_load(config: PipelineConfig, shards: list[dict], n_blocks: int) -> float:

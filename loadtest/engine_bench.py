@@ -1,6 +1,6 @@
 """Per-step transformer time: stock diffusers forward vs mask-aware KV mode vs Y mode, beside the FLOP ideal.
 
-    python -m loadtest.engine_bench --json out/engine_bench.json [--preset flux-bench] [--seconds 1.5]
+    python -m loadtest.engine_bench --json out/engine_bench.json [--preset flux-wide] [--seconds 1.5]
 
 All variants run in one process on the same model, interleaved round-robin so machine noise hits each alike;
 each cell reports the median (and min) over repeats. Prints a Markdown table and writes JSON.
@@ -77,7 +77,7 @@ def markdown(rows: list[dict], preset: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="flux-bench", help="model preset (flux-bench has 1024 image tokens)")
+    ap.add_argument("--preset", default="flux-wide", help="model preset (flux-wide and flux-bench have 1024 image tokens)")
     ap.add_argument("--ratios", default="0.1,0.25,0.5")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--seconds", type=float, default=1.5, help="measuring time per cell")

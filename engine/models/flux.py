@@ -15,6 +15,8 @@ PRESETS: dict[str, dict] = {
     "flux-tiny": dict(resolution=128, layers=(1, 2), heads=2, head_dim=16, text_tokens=8, guidance_embeds=False, steps=4),
     "flux-small": dict(resolution=256, layers=(2, 4), heads=4, head_dim=32, text_tokens=16, guidance_embeds=True, steps=8),
     "flux-bench": dict(resolution=512, layers=(2, 4), heads=8, head_dim=32, text_tokens=16, guidance_embeds=True, steps=8),
+    # wider blocks (hidden 512): closer to real Flux's compute/overhead balance, for the engine benchmark
+    "flux-wide": dict(resolution=512, layers=(2, 4), heads=8, head_dim=64, text_tokens=16, guidance_embeds=True, steps=8),
 }
 
 MAX_PROMPT_CHARS = 2000

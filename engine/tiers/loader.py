@@ -104,7 +104,7 @@ class BlockLoader:
     def __init__(self, blocks: Sequence[BlockTensors | None] | Callable[[int], BlockTensors],
                  use_cache: Sequence[bool] | None = None, *, device: str | torch.device = "cpu",
                  bandwidth: BandwidthModel | None = None, buffers: int = 2, autostart: bool = True,
-                 name: str = "block-loader"):
+                 name: str = "block-loader", copy_on_cpu: bool = True):
         if callable(blocks):
             if use_cache is None:
                 raise ValueError("with a fetch callable, pass use_cache to give the number of blocks")
@@ -123,6 +123,9 @@ class BlockLoader:
         self.n_blocks = len(self.use_cache)
         self.device = torch.device(device)
         self.bandwidth, self.buffers, self.name = bandwidth, buffers, name
+        # On a CPU device the host tier already is device memory: without the copy, the loader models a DMA
+        # engine (the transfer costs link time, not compute time), as on a GPU.
+        self.copy_on_cpu = copy_on_cpu
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         if self.device.type == "cuda" and not self._cuda:
             raise ValueError("a CUDA device was requested but CUDA is not available")
@@ -263,6 +266,9 @@ class BlockLoader:
                 done.record(self._stream)
             self._copy_done[index] = done
             done.synchronize()  # only this thread waits; gives load_end the real completion time
+        elif not self.copy_on_cpu:
+            out = dict(host)
+            nbytes = sum(t.nbytes for t in host.values())
         else:
             for position, (name, src) in enumerate(host.items()):
                 out[name] = self._buffer(buffers, position, src)
