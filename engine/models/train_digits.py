@@ -1,6 +1,6 @@
 """Trains the digits model deterministically on CPU and writes it as a from_pretrained-loadable directory.
 
-    python -m instgenie.engine.models.train_digits --out engine/assets/digits [--steps 1000] [--seed 0]
+    python -m instgenie.engine.models.train_digits --out engine/assets/digits [--steps 400] [--seed 0]
 
 Rectified flow in diffusers' FlowMatch convention: x_t = (1 - sigma) x0 + sigma noise, the transformer predicts
 the velocity noise - x0, and it is called exactly as the Flux pipelines call it. The run is a fixed number of
@@ -10,7 +10,6 @@ and machine give bit-identical weights.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -22,13 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .digits import (DIGITS_MODEL_META, DIGITS_SCHEDULER_CONFIG, DIGITS_TRANSFORMER_CONFIG, RESOLUTION,
-                     DigitsTextEncoder, LabelEmbedder, classify, load_digits_dataset, sample_digits)
+                     LabelEmbedder, classify, load_digits_dataset, sample_digits)
 
 NULL_LABEL_RATE = 0.1  # labels replaced by the null label so the same model gives the CFG unconditional branch
 EMA_DECAY = 0.995
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 128
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 400  # ~4 CPU min; 98.5% classifier agreement (300 steps: 96.5%, 600: 99.5%)
 
 
 def shift_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -68,16 +67,25 @@ def flow_matching_loss(transformer, embedder: LabelEmbedder, x0: torch.Tensor, l
 
 
 class Ema:
-    """Exponential moving average of a set of modules' parameters; the saved model is the average."""
+    """Exponential moving average of a set of modules' parameters; the saved model is the average.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) (diffusers' EMAModel schedule). Without it the random
+    initial weights keep 0.995^n of the average: at 400 steps that is 13% and the samples are mostly wrong
+    digits (58% classifier agreement against 98% with the warm-up, same run).
+    """
 
     def __init__(self, modules: list[torch.nn.Module], decay: float):
-        self.decay = decay
+        self.max_decay = decay
+        self.updates = 0
         self.params = [p for m in modules for p in m.parameters()]
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+        self.updates += 1
+        decay = min(self.max_decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - decay)
 
     @torch.no_grad()
     def copy_to_modules(self) -> None:
@@ -111,7 +119,9 @@ def train(out: str | Path, steps: int = DEFAULT_STEPS, seed: int = 0, batch_size
     transformer.save_pretrained(out / "transformer", safe_serialization=True)
     embedder.save_pretrained(out / "text_encoder", safe_serialization=True)
     FlowMatchEulerDiscreteScheduler(**DIGITS_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    meta = dict(DIGITS_MODEL_META, train={"steps": steps, "seed": seed, "batch_size": batch_size})
+    # provenance: the bits depend on the thread count too, so record it
+    train_args = {"steps": steps, "seed": seed, "batch_size": batch_size, "threads": torch.get_num_threads()}
+    meta = dict(DIGITS_MODEL_META, train=train_args)
     (out / "instgenie_model.json").write_text(json.dumps(meta, indent=2) + "\n")
     tail = losses[-50:]
     return {"loss": float(np.mean(tail)), "first_loss": float(np.mean(losses[:50])), "seconds": seconds}
@@ -182,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps (fixed, not a time budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    ap.add_argument("--threads", type=int, default=2,
-                    help="torch CPU threads; part of what makes the run bit-reproducible, so it is pinned")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads; the result depends on it, so it is pinned (1 also avoids oversubscription"
+                         " slow-downs on a busy machine)")
     ap.add_argument("--eval-per-class", type=int, default=20, help="samples per digit in the final check (0: skip)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

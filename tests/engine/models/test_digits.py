@@ -14,6 +14,15 @@ from instgenie.engine.models.loader import DIGITS_DIR
 from instgenie.engine.models.train_digits import train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from two threads, and on a busy two-core box two threads spin-wait for seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load_digits_model(DIGITS_DIR)
@@ -24,7 +33,8 @@ def test_label_embedder_round_trips_through_save_pretrained(tmp_path):
     embedder = LabelEmbedder(num_labels=10, dim=32, seq_len=1)
     embedder.save_pretrained(tmp_path / "text_encoder")
     loaded = LabelEmbedder.from_pretrained(tmp_path / "text_encoder")
-    assert dict(loaded.config) == dict(embedder.config)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(embedder.config) == {"num_labels": 10, "dim": 32, "seq_len": 1}
     assert loaded.embedding.weight.shape == (11, 32)  # 10 digits + the null label
     assert torch.equal(loaded.embedding.weight, embedder.embedding.weight)
 
@@ -101,7 +111,7 @@ def test_shipped_model_draws_the_requested_digits(shipped):
     images = sample_digits(transformer, text, scheduler, [str(d) for d in wanted], steps=20, guidance_scale=2.0,
                            generator=torch.Generator().manual_seed(0))
     assert images.shape == (20, 1, 16, 16)
-    assert np.mean(classify(images) == wanted) >= 0.8  # the full 200-sample check in train_digits is ~95%
+    assert np.mean(classify(images) == wanted) >= 0.8  # train_digits checks 200 samples: 98.5%
 
 
 def test_training_is_bit_reproducible(tmp_path):
