@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run demo test test-fast tiny-model bench quality clean
+.PHONY: install run demo test test-fast tiny-model bench quality bench-pipeline bench-serving clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench: install
 ## quality: cached vs full recompute on the trained digits model
 quality: install
 	$(BIN)/python -m loadtest.quality_report --json out/quality.json
+
+## bench-pipeline: cache streaming, resident vs sequential vs pipelined vs pipelined + planner
+bench-pipeline: install
+	$(BIN)/python -m loadtest.pipeline_bench --json out/pipeline.json
+
+## bench-serving: Poisson replays, diffusers static batching vs ours and ablations (about 20 min)
+bench-serving: install
+	$(BIN)/python -m loadtest.serving_bench --json out/serving.json --md out/serving.md --plots out/
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
