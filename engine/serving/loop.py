@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import InstGenIEError, InvalidInputError
 from ..request import EditRequest, EditResult, RequestState
@@ -82,9 +83,12 @@ class LoopStats:
 
 class EngineLoop:
     def __init__(self, editor, *, max_batch_size: int = 8, max_tokens_per_step: int | None = None,
-                 continuous: bool = True, pre_workers: int = 1, post_workers: int = 1, planner=None):
+                 continuous: bool = True, pre_workers: int = 1, post_workers: int = 1, planner=None,
+                 clock: Callable[[], float] = time.monotonic):
         self.editor = editor
-        self.scheduler = StepScheduler(max_batch_size, max_tokens_per_step, continuous)
+        # Request deadlines are read on this clock (time.monotonic); tests inject one that cannot race the CPU.
+        self.clock = clock
+        self.scheduler = StepScheduler(max_batch_size, max_tokens_per_step, continuous, clock=clock)
         self.planner = planner  # optional: states -> per-block use_cache list (Y mode)
         self._pre = cf.ThreadPoolExecutor(pre_workers, thread_name_prefix="instgenie-pre")
         self._post = cf.ThreadPoolExecutor(post_workers, thread_name_prefix="instgenie-post")
@@ -155,7 +159,7 @@ class EngineLoop:
     def _prepare(self, handle: EditHandle) -> None:
         req = handle.request
         try:
-            if req.deadline is not None and time.monotonic() > req.deadline:
+            if req.deadline is not None and self.clock() > req.deadline:
                 raise RequestAborted(Status.EXPIRED, "deadline exceeded before pre-processing")
             state = self.editor.start(req)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its own client
@@ -181,7 +185,7 @@ class EngineLoop:
         if plan is None:
             self.stats.overhead_cpu_seconds += time.thread_time() - cpu0
             deadline = self.scheduler.next_deadline()
-            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - self.clock()))
             self._wake.wait(wait)
             self._wake.clear()
             return

@@ -1,6 +1,7 @@
 """Continuous batching is exact: a request's result does not depend on who shares its steps."""
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -97,13 +98,19 @@ def test_cancel_frees_the_slot_and_neighbours_finish(tiny_editor):
 
 def test_deadline_expires_between_steps(tiny_editor):
     tpl, mask = _long_template(tiny_editor)
-    loop = EngineLoop(tiny_editor, max_batch_size=2)
+    # A clock that ticks once per reading: the scheduler reads it a few times per step, so a deadline of 30
+    # ticks passes after a few of the 40 steps however fast this machine runs them (a wall-clock deadline raced).
+    ticks = itertools.count()
+    loop = EngineLoop(tiny_editor, max_batch_size=2, clock=lambda: float(next(ticks)))
     try:
-        late = loop.submit(EditRequest(tpl.template_id, mask, "x", deadline=time.monotonic() + 0.3))
+        late = loop.submit(EditRequest(tpl.template_id, mask, "x", deadline=30.0))
         ok = loop.submit(EditRequest(tpl.template_id, mask, "y"))
         with pytest.raises(RequestAborted) as err:
             late.result(timeout=30)
         assert err.value.status == Status.EXPIRED and err.value.grpc_code == "DEADLINE_EXCEEDED"
+        steps_done = [ev.steps_done for ev in list(late.events.queue)
+                      if ev is not None and ev.status == Status.RUNNING]
+        assert steps_done and 0 < max(steps_done) < 40, "expired between steps, not before or after the run"
         assert ok.result(timeout=60).steps == 40
     finally:
         loop.stop()
