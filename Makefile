@@ -45,7 +45,7 @@ quality: install
 bench-pipeline: install
 	$(BIN)/python -m loadtest.pipeline_bench --json out/pipeline.json
 
-## bench-serving: Poisson replays, diffusers static batching vs ours and ablations (about 20 min)
+## bench-serving: Poisson replays, diffusers static batching vs ours and ablations (the longest benchmark)
 bench-serving: install
 	$(BIN)/python -m loadtest.serving_bench --json out/serving.json --md out/serving.md --plots out/
 
