@@ -3,11 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(shell find protos -name '*.proto')
+PROTO_STAMP := instgenie/.protos-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run demo test test-fast tiny-model bench quality bench-pipeline bench-serving clean
+.PHONY: install proto run demo test test-fast tiny-model bench quality bench-pipeline bench-serving clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +18,17 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-install: $(STAMP)
+# Generated gRPC code (instgenie/{gateway,scheduler,worker}/v1): rebuilt whenever a .proto changes; never edited.
+$(PROTO_STAMP): $(PROTOS) $(STAMP) services/common/protogen.py
+	$(BIN)/python -m instgenie.services.common.protogen
+	touch $@
+
+install: $(STAMP) $(PROTO_STAMP)
+
+## proto: regenerate the gRPC code from protos/
+proto: $(STAMP)
+	$(BIN)/python -m instgenie.services.common.protogen
+	touch $(PROTO_STAMP)
 
 ## run: the system on its embedded default (CPU, tiny model). Until the services land this is the engine demo.
 run: demo
