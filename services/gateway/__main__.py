@@ -1,0 +1,64 @@
+"""Runs the gateway: `python -m instgenie.services.gateway --scheduler 127.0.0.1:50052 --s3-endpoint ...`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from instgenie.engine.images import ImageLimits
+from instgenie.gateway.v1 import edit_service_pb2 as pb
+from instgenie.gateway.v1 import edit_service_pb2_grpc as pb_grpc
+
+from ..common.config import add_flag, add_server_flags, add_store_flags, open_store, server_config
+from ..common.logs import setup_logging
+from ..common.server import ServiceHost
+from .auth import ApiKeys
+from .service import GatewayConfig, GatewayService
+from .templates import TemplateRecords
+from .validation import Limits
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditService"].full_name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="instgenie-gateway", description=__doc__)
+    add_server_flags(ap, listen="127.0.0.1:50051")
+    add_store_flags(ap)
+    add_flag(ap, "--scheduler", default="127.0.0.1:50052", help="host:port of the scheduler")
+    add_flag(ap, "--api-keys-file", default="", help="JSON file of tenants and their API keys (see auth.py)")
+    add_flag(ap, "--max-image-bytes", default=ImageLimits().max_bytes, type=int, help="largest accepted image/mask")
+    add_flag(ap, "--max-image-pixels", default=ImageLimits().max_pixels, type=int,
+             help="largest accepted width x height (checked from the header, before decoding)")
+    add_flag(ap, "--edit-deadline", default=300.0, type=float, help="seconds an edit may take when the call sets none")
+    add_flag(ap, "--keepalive-seconds", default=5.0, type=float, help="StreamEdit keepalive interval")
+    return ap.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    keys = ApiKeys.load(args.api_keys_file or None, os.environ.get("INSTGENIE_API_KEYS"))
+    if not len(keys):
+        raise SystemExit("no API keys: give --api-keys-file or INSTGENIE_API_KEYS=tenant:key,...")
+    limits = Limits(image=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
+    config = GatewayConfig(scheduler=args.scheduler, limits=limits, default_edit_deadline=args.edit_deadline,
+                           keepalive_seconds=args.keepalive_seconds)
+    service = GatewayService(config, keys, TemplateRecords(open_store(args)))
+    host = ServiceHost("gateway", server_config(args))
+    host.add_service(pb_grpc.add_EditServiceServicer_to_server, service, SERVICE_NAME)
+    host.install_signal_handlers()
+    await host.start()
+    await host.set_serving(True)
+    await host.wait_for_stop()
+    await host.shutdown()
+    await service.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging("gateway", args.log_level)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

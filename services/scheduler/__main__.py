@@ -1,0 +1,62 @@
+"""Runs the scheduler: `python -m instgenie.services.scheduler --listen 127.0.0.1:50052`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from instgenie.scheduler.v1 import scheduler_service_pb2 as pb
+from instgenie.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+
+from ..common.config import add_flag, add_server_flags, server_config
+from ..common.logs import setup_logging
+from ..common.server import ServiceHost
+from .costmodel import AnalyticalCostModel
+from .placement import POLICIES, make_policy
+from .service import SchedulerConfig, SchedulerService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="instgenie-scheduler", description=__doc__)
+    add_server_flags(ap, listen="127.0.0.1:50052")
+    add_flag(ap, "--policy", default="predicted-finish", choices=sorted(POLICIES), help="placement policy")
+    add_flag(ap, "--max-in-flight", default=256, type=int, help="requests admitted at once over the cluster")
+    add_flag(ap, "--capacity-per-slot", default=4, type=int,
+             help="a worker holds at most max_batch_size x this many requests")
+    add_flag(ap, "--report-interval", default=0.5, type=float, help="seconds between worker load reports")
+    add_flag(ap, "--lease", default=3.0, type=float, help="seconds without a report before a worker is retired")
+    add_flag(ap, "--flops-per-second", default=2.0e11, type=float, help="analytical cost model: effective FLOP/s")
+    add_flag(ap, "--step-overhead", default=0.005, type=float, help="analytical cost model: seconds per step")
+    add_flag(ap, "--store-bandwidth", default=500e6, type=float,
+             help="analytical cost model: object store -> host bytes/s")
+    return ap.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    cost = AnalyticalCostModel(flops_per_second=args.flops_per_second, step_overhead_seconds=args.step_overhead,
+                               store_bandwidth_bytes_per_second=args.store_bandwidth)
+    config = SchedulerConfig(report_interval=args.report_interval, lease=args.lease,
+                             max_in_flight=args.max_in_flight, capacity_per_slot=args.capacity_per_slot)
+    service = SchedulerService(config, make_policy(args.policy, cost))
+    host = ServiceHost("scheduler", server_config(args))
+    host.add_service(pb_grpc.add_SchedulerServiceServicer_to_server, service, SERVICE_NAME)
+    host.install_signal_handlers()
+    await host.start()
+    service.start()
+    await host.set_serving(True)
+    await host.wait_for_stop()
+    await host.shutdown()
+    await service.close()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging("scheduler", args.log_level)
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
