@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Protocol
-
 import threading
+from typing import Callable, Protocol
 
 from .template_cache import TemplateManifest, TemplateStore
 
@@ -24,19 +23,23 @@ class CacheProvider(Protocol):
 
 
 class MemoProvider:
-    """Keeps every step of the few most recently used templates in memory; loads on first use."""
+    """Keeps every step of the few most recently used templates in memory; loads on first use.
+
+    Entries are keyed by template id *and* manifest checksum, so a template deleted and registered again under
+    the same id can never be served from the shards of its previous incarnation.
+    """
 
     def __init__(self, store: TemplateStore, templates: int = 4):
         self.store = store
         self.templates = templates
-        self._resident: OrderedDict[str, dict[int, dict]] = OrderedDict()
+        self._resident: OrderedDict[tuple[str, str], dict[int, dict]] = OrderedDict()
         self._lock = threading.Lock()
 
     def prefetch(self, manifest: TemplateManifest) -> None:
         return None  # loads lazily; the host tier is the component that prefetches
 
     def getter(self, manifest: TemplateManifest) -> StepGetter:
-        tid = manifest.template_id
+        tid = (manifest.template_id, manifest.checksum)
         with self._lock:
             if tid not in self._resident:
                 self._resident[tid] = {}
@@ -56,7 +59,8 @@ class MemoProvider:
 
     def forget(self, template_id: str) -> None:
         with self._lock:
-            self._resident.pop(template_id, None)
+            for key in [k for k in self._resident if k[0] == template_id]:
+                del self._resident[key]
 
 
 class HostTierProvider:

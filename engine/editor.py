@@ -1,39 +1,69 @@
 """The engine's front door: register a template (full run, cache recorded) and edit it mask-aware."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import logging
+import threading
 import time
 
 import numpy as np
 import torch
 
-from .errors import CacheMismatchError, InstGenIEError, InvalidImageError, InvalidInputError, InvalidStepsError, TemplateNotFoundError
+from . import validation as v
 from .cache_provider import CacheProvider, MemoProvider
+from .errors import (
+    CacheIntegrityError, CacheMismatchError, InstGenIEError, InvalidInputError, InvalidStepsError, TemplateExistsError,
+    TemplateNotFoundError,
+)
+from .ids import validate_template_id
+from .images import DEFAULT_LIMITS, ImageLimits, check_image_size
 from .latents import image_ids, image_to_tensor, pack, tensor_to_image, unpack
-from .pipeline import PipelineConfig
 from .masks import load_mask, tokens_from_mask
 from .models.loader import EditModel
-from .request import EDIT_PATHS, EditRequest, EditResult, RequestState
+from .pipeline import PipelineConfig
+from .request import EDIT_PATHS, EditRequest, EditResult, RequestState  # noqa: F401 - EDIT_PATHS re-exported
 from .step import denoise_step, renoise
-from .template_cache import TemplateManifest, TemplateStore, step_shard
-from .transformer.cache_view import CACHE_MODES
-from .transformer.reference import dense_forward
+from .template_cache import BASE_SHARD, TemplateManifest, TemplateStore, step_shard
+from .transformer.reference import dense_forward, instrument
+from .validation import CACHE_MODES, MAX_STEPS  # noqa: F401 - MAX_STEPS re-exported
 
-MAX_STEPS = 200
+log = logging.getLogger(__name__)
 
 
 class Editor:
-    """Registers templates and serves edits on one model. Not thread-safe: one engine loop drives it."""
+    """Registers templates and serves edits on one model.
+
+    Which methods may run concurrently (the worker runs pre-processing on a pool, post-processing on another,
+    registrations on a thread of their own, all beside the engine loop):
+      * `start` and `finish`: any number of threads at once, beside everything below. They share only the
+        read-only model (the text encoder serialises its stateful tokenizers itself), the store and the cache
+        provider (both thread-safe); each request's state is its own, with its own scheduler copy.
+      * `step`: one thread at a time (the engine loop); it advances only the states it is given.
+      * `register_template`: any thread, beside a running loop and beside other registrations (those of the
+        same template id are serialised). Its dense forward records through per-thread taps (see
+        transformer/reference.py), so the loop's forward on the same transformer is untouched.
+      * `prefetch`, `has_template`, `delete_template`: any thread.
+    """
 
     def __init__(self, model: EditModel, store: TemplateStore, resident_templates: int = 4,
-                 cache: CacheProvider | None = None, pipeline: PipelineConfig | None = None):
+                 cache: CacheProvider | None = None, pipeline: PipelineConfig | None = None,
+                 image_limits: ImageLimits = DEFAULT_LIMITS):
         self.model = model
         self.store = store
         # None: shards are used where they are; a config streams them to the device per block (and plans).
         self.pipeline = pipeline
         # Where step shards come from: by default a memo of recent templates; workers plug the host tier in.
         self.cache = cache or MemoProvider(store, resident_templates)
+        self.image_limits = image_limits
+        # A private scheduler template, only ever deep-copied: the model's own instance is shared with the stock
+        # pipeline, which steps it, and a copy taken while another thread mutates it would be inconsistent.
+        self._scheduler = copy.deepcopy(model.scheduler)
+        # The taps go in now, before the transformer is shared between threads.
+        instrument(model.transformer)
+        self._id_locks: dict[str, list] = {}  # template id -> [lock, users]
+        self._id_locks_guard = threading.Lock()
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
@@ -45,7 +75,7 @@ class Editor:
         """A fresh scheduler copy with the pipeline's sigma schedule (dynamic shift from the token count)."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        sched = copy.deepcopy(self.model.scheduler)
+        sched = copy.deepcopy(self._scheduler)
         sigmas = np.linspace(1.0, 1 / steps, steps)
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", False):
@@ -61,48 +91,66 @@ class Editor:
 
     def _guidance(self, scale: float | None):
         info = self.model.info
-        scale = info.default_guidance_scale if scale is None else float(scale)
-        if not np.isfinite(scale) or scale < 0 or scale > 50:
-            raise InvalidInputError(f"guidance_scale must be within [0, 50], got {scale}")
+        scale = info.default_guidance_scale if scale is None else v.validate_guidance(scale)
         if info.guidance == "distilled":
             return torch.full([1], scale, dtype=torch.float32, device=self.model.device), None
         return None, (scale if info.guidance == "cfg" else None)
 
     def _image(self, image) -> torch.Tensor:
-        try:
-            t = image_to_tensor(image, self.model.codec.image_channels)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's input
-            raise InvalidImageError(f"cannot read the image: {exc}") from exc
-        if tuple(t.shape[-2:]) != tuple(self.model.info.resolution):
-            h, w = self.model.info.resolution
-            raise InvalidImageError(
-                f"image is {t.shape[-1]}x{t.shape[-2]} but model {self.model.info.model_id!r} serves {w}x{h}; "
-                "resize it first"
-            )
+        t = image_to_tensor(image, self.model.codec.image_channels, self.image_limits)
+        check_image_size(tuple(t.shape[-2:]), tuple(self.model.info.resolution),
+                         hint=f"model {self.model.info.model_id!r} takes only that size; resize it first")
         return t.to(self.model.device, self.model.dtype)
 
     def _noise(self, seed: int) -> torch.Tensor:
         h, w = self.latent_hw
-        gen = torch.Generator("cpu").manual_seed(int(seed))
+        gen = torch.Generator("cpu").manual_seed(v.validate_seed(seed))
         noise = torch.randn((1, self.model.codec.latent_channels, h, w), generator=gen, dtype=torch.float32)
         return pack(noise).to(self.model.device, self.model.dtype)
+
+    @contextlib.contextmanager
+    def _registering(self, template_id: str):
+        """Registrations of one template id run one at a time (they write the same keys)."""
+        with self._id_locks_guard:
+            entry = self._id_locks.setdefault(template_id, [threading.Lock(), 0])
+            entry[1] += 1  # users of this lock; the entry goes when the last one leaves
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._id_locks_guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._id_locks[template_id]
 
     # ------------------------------------------------------------------------------------ registration
     def register_template(self, image, prompt: str = "", *, steps: int | None = None, seed: int = 0,
                           mode: str = "kv", guidance_scale: float | None = None,
                           template_id: str | None = None, progress=None) -> TemplateManifest:
-        """Full inference once on the template with an empty mask, recording every block's cache per step."""
-        if mode not in CACHE_MODES:
-            raise InvalidInputError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}")
-        steps = self.model.info.default_steps if steps is None else int(steps)
-        if not 1 <= steps <= MAX_STEPS:
-            raise InvalidStepsError(f"steps must be within [1, {MAX_STEPS}], got {steps}")
+        """Full inference once on the template with an empty mask, recording every block's cache per step.
+
+        Every argument is validated first (typed errors, nothing coerced). `progress(done, total)` is called
+        after each step; if it raises, registration stops, nothing is committed, and the exception propagates
+        (a cancel hook). Re-registering an existing id with the same inputs rewrites its cache (a repair);
+        with different inputs it raises TemplateExistsError: a committed cache never changes under readers.
+        """
+        v.validate_prompt(prompt)
+        steps = self.model.info.default_steps if steps is None else v.validate_steps(steps, allow_none=False)
+        seed = v.validate_seed(seed)
+        if not isinstance(mode, str) or mode not in CACHE_MODES:
+            raise InvalidInputError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}", field="cache_mode")
+        v.validate_guidance(guidance_scale)
+        if template_id is not None:
+            validate_template_id(template_id)
+        if progress is not None and not callable(progress):
+            raise InvalidInputError(f"progress must be callable, got {type(progress).__name__}", field="progress")
         img = self._image(image)
         text = self.model.text.encode(self._prompts(prompt))
         guidance, cfg_scale = self._guidance(guidance_scale)
         info, tr = self.model.info, self.model.transformer
+        h = hashlib.sha256(img.cpu().numpy().tobytes())
+        image_sha256 = h.hexdigest()
         if template_id is None:
-            h = hashlib.sha256(img.cpu().numpy().tobytes())
             h.update(f"{prompt}|{steps}|{seed}|{mode}|{info.config_hash}|{guidance_scale}".encode())
             template_id = "tpl-" + h.hexdigest()[:16]
 
@@ -113,15 +161,48 @@ class Editor:
         branches = text.prompt_embeds.shape[0]
         manifest = TemplateManifest(
             template_id=template_id, model_id=info.model_id, config_hash=info.config_hash,
-            resolution=tuple(info.resolution), steps=steps, seed=int(seed), prompt=prompt, cache_mode=mode,
+            resolution=tuple(info.resolution), steps=steps, seed=seed, prompt=prompt, cache_mode=mode,
             dtype=str(self.model.dtype).removeprefix("torch."), guidance=info.guidance,
             guidance_scale=float(guidance_scale if guidance_scale is not None else info.default_guidance_scale),
             branches=branches, num_blocks=self.model.num_blocks, image_tokens=n_img,
             text_tokens=text.prompt_embeds.shape[1], hidden=tr.inner_dim, scheduler=dict(sched.config),
-            created_at=time.time(),
+            created_at=time.time(), image_sha256=image_sha256,
         )
-        self.store.put_shard(manifest, "base.safetensors",
-                             {"image_latents": image_latents, "noise": noise, "image": img})
+        with self._registering(template_id):
+            existed = self._check_replace(manifest)
+            try:
+                self._record(manifest, sched, image_latents, noise, img, text, guidance, progress)
+                self.store.commit(manifest)
+            except BaseException:
+                if not existed:  # nobody could see it yet; leave no half-written cache behind
+                    self._discard(template_id)
+                raise
+        self.cache.forget(template_id)
+        return manifest
+
+    def _check_replace(self, manifest: TemplateManifest) -> bool:
+        """True if the id is taken by the same registration (a rewrite); TemplateExistsError if by another."""
+        try:
+            existing = self.store.manifest(manifest.template_id)
+        except TemplateNotFoundError:
+            return False
+        except CacheIntegrityError:
+            return True  # a broken manifest: this registration repairs it
+        if existing.registration() != manifest.registration():
+            raise TemplateExistsError(
+                f"template {manifest.template_id!r} is already registered with other inputs (image, prompt, steps, "
+                "seed, mode or guidance); delete it first or register under another id", field="template_id")
+        return True
+
+    def _discard(self, template_id: str) -> None:
+        try:
+            self.store.discard(template_id)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more; shards without manifest are inert
+            log.warning("could not remove the uncommitted shards of %s: %s", template_id, exc)
+
+    def _record(self, manifest, sched, image_latents, noise, img, text, guidance, progress) -> None:
+        tr, steps, branches = self.model.transformer, manifest.steps, manifest.branches
+        self.store.put_shard(manifest, BASE_SHARD, {"image_latents": image_latents, "noise": noise, "image": img})
         h, w = self.latent_hw
         img_ids = image_ids(h, w, self.model.device, self.model.dtype)
         latents = renoise(image_latents, sched.sigmas[0], noise)
@@ -130,14 +211,12 @@ class Editor:
             timestep = (t.to(self.model.dtype) / 1000).expand(branches)
             dense_forward(tr, latents.expand(branches, -1, -1), text.prompt_embeds, text.pooled, timestep,
                           text.text_ids, img_ids, None if guidance is None else guidance.expand(branches),
-                          mode=mode, record=record)
+                          mode=manifest.cache_mode, record=record)
             self.store.put_shard(manifest, step_shard(i), record)
             # Every token is pinned: the next input is the template re-noised to the next level.
             latents = renoise(image_latents, sched.sigmas[i + 1], noise)
             if progress:
                 progress(i + 1, steps)
-        self.store.commit(manifest)
-        return manifest
 
     # ------------------------------------------------------------------------------------------ edits
     def _template_cache(self, manifest: TemplateManifest):
@@ -149,25 +228,21 @@ class Editor:
 
     def prefetch(self, template_id: str) -> None:
         """Start warming a template's cache, e.g. as soon as a request for it is assigned to this worker."""
-        self.cache.prefetch(self.store.manifest(template_id))
+        manifest = self.store.manifest(template_id)
+        self._check_manifest(manifest)
+        self.cache.prefetch(manifest)
 
     def start(self, request: EditRequest) -> RequestState:
-        """Validate and pre-process a request into its own state (off the denoising loop)."""
-        if request.path not in EDIT_PATHS:
-            raise InvalidInputError(f"path must be one of {EDIT_PATHS}, got {request.path!r}")
-        if not isinstance(request.dilate, int) or not 0 <= request.dilate <= 8:
-            raise InvalidInputError(f"dilate must be an integer within [0, 8] tokens, got {request.dilate!r}")
+        """Validate and pre-process a request into its own state (off the denoising loop; thread-safe)."""
+        if not isinstance(request, EditRequest):
+            raise InvalidInputError(f"expected an EditRequest, got {type(request).__name__}")
+        request.validate()  # again: fields may have been reassigned since construction
         manifest = self.store.manifest(request.template_id)
-        info = self.model.info
-        if manifest.model_id != info.model_id or manifest.config_hash != info.config_hash:
-            raise CacheMismatchError(
-                f"template {manifest.template_id!r} was registered with model {manifest.model_id!r} "
-                f"({manifest.config_hash}); this worker serves {info.model_id!r} ({info.config_hash})"
-            )
-        if request.steps is not None and int(request.steps) != manifest.steps:
+        self._check_manifest(manifest)
+        if request.steps is not None and request.steps != manifest.steps:
             raise InvalidStepsError(
                 f"template {manifest.template_id!r} was registered with {manifest.steps} steps; edits must use "
-                f"{manifest.steps} (got {request.steps})"
+                f"{manifest.steps} (got {request.steps})", field="steps"
             )
         pixels = load_mask(request.mask, manifest.resolution, allow_empty=request.allow_empty_mask)
         tmask = tokens_from_mask(pixels, self.model.codec.scale_factor, self.model.codec.latent_channels,
@@ -178,7 +253,7 @@ class Editor:
         text = self.model.text.encode(self._prompts(request.prompt))
         guidance, cfg_scale = self._guidance(request.guidance_scale if request.guidance_scale is not None
                                              else manifest.guidance_scale)
-        base = {k: v.to(self.model.device) for k, v in self.store.shard(manifest, "base.safetensors").items()}
+        base = self._base(manifest)
         sched = self._timesteps(manifest.steps)
         noise_req = self._noise(request.seed)
         # Masked tokens start from the request's noise; unmasked ones from the template's, so that they
@@ -192,6 +267,41 @@ class Editor:
             noise=base["noise"], template_image=base["image"], guidance=guidance, cfg_scale=cfg_scale,
             cache=self._template_cache(manifest),
         )
+
+    def _check_manifest(self, manifest: TemplateManifest) -> None:
+        """CacheMismatchError unless the (verified) manifest was recorded by exactly this model and geometry."""
+        info, model = self.model.info, self.model
+        if manifest.model_id != info.model_id or manifest.config_hash != info.config_hash:
+            raise CacheMismatchError(
+                f"template {manifest.template_id!r} was registered with model {manifest.model_id!r} "
+                f"({manifest.config_hash}); this worker serves {info.model_id!r} ({info.config_hash})"
+            )
+        h, w = self.latent_hw
+        expected = {
+            "resolution": tuple(info.resolution), "num_blocks": model.num_blocks,
+            "hidden": model.transformer.inner_dim, "dtype": str(model.dtype).removeprefix("torch."),
+            "guidance": info.guidance, "image_tokens": (h // 2) * (w // 2),
+            "branches": 2 if info.guidance == "cfg" else 1,
+        }
+        for name, want in expected.items():
+            got = getattr(manifest, name)
+            if got != want:
+                raise CacheMismatchError(f"template {manifest.template_id!r} was recorded with {name} = {got!r}; "
+                                         f"this model has {want!r}; re-register it")
+
+    def _base(self, manifest: TemplateManifest) -> dict[str, torch.Tensor]:
+        """The template's latents, noise and pixels, with their shapes checked against the manifest."""
+        base = {k: t.to(self.model.device) for k, t in self.store.shard(manifest, BASE_SHARD).items()}
+        c = self.model.codec
+        n, c4 = manifest.image_tokens, 4 * c.latent_channels
+        shapes = {"image_latents": (1, n, c4), "noise": (1, n, c4),
+                  "image": (1, c.image_channels, *manifest.resolution)}
+        for name, shape in shapes.items():
+            if name not in base or tuple(base[name].shape) != shape:
+                got = tuple(base[name].shape) if name in base else None
+                raise CacheIntegrityError(f"base shard of template {manifest.template_id!r} has {name} of shape "
+                                          f"{got}, expected {shape}; re-register the template")
+        return base
 
     def step(self, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
         """One denoising step for all states; returns {request_id: error} of requests that failed alone."""
@@ -221,8 +331,8 @@ class Editor:
         return self.finish(state)
 
     def delete_template(self, template_id: str) -> None:
-        self.cache.forget(template_id)
         self.store.delete(template_id)
+        self.cache.forget(template_id)
 
     def has_template(self, template_id: str) -> bool:
         return self.store.exists(template_id)

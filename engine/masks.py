@@ -1,4 +1,4 @@
-"""Edit masks: validation, pixel -> latent -> token mapping (any-pixel rule, optional dilation)."""
+"""Edit masks: validation (the rules of images.py), pixel -> latent -> token mapping (any-pixel rule, dilation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,42 +8,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import EmptyMaskError, InvalidMaskError
+from .errors import InvalidMaskError
+from .images import decode_image, mask_from_array, mask_from_image
 from .latents import pack
 
 
-def load_mask(mask, size: tuple[int, int], allow_empty: bool = False) -> torch.Tensor:
-    """Any mask form (PIL, array, tensor; white/nonzero = edit) -> (H, W) bool, validated against `size`.
+def load_mask(mask, size: tuple[int, int], allow_empty: bool = False, *, field: str = "mask") -> torch.Tensor:
+    """Any mask form -> (H, W) bool, validated against `size` with the rules of `images.py` (white = edit).
 
-    Grey levels are thresholded at half range, as diffusers binarises inpainting masks.
+    Accepted: a PIL image, encoded image bytes, a numpy array, a torch tensor (converted to numpy, so tensors
+    follow the array rules). Anything else, or a value outside its dtype's range, is InvalidMaskError.
     """
+    if isinstance(mask, (bytes, bytearray, memoryview)):
+        mask = decode_image(mask, field=field)
     if isinstance(mask, Image.Image):
-        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    elif isinstance(mask, torch.Tensor):
-        arr = mask.detach().float().cpu().numpy()
+        out = mask_from_image(mask, size, allow_empty=allow_empty, field=field)
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        if isinstance(mask, torch.Tensor):
+            if mask.is_complex():
+                raise InvalidMaskError(f"{field} has dtype {mask.dtype}; send bool, integer or float values", field=field)
+            mask = mask.detach().cpu()
+            mask = (mask.float() if mask.is_floating_point() and mask.dtype != torch.float64 else mask).numpy()
+        out = mask_from_array(mask, size, allow_empty=allow_empty, field=field)
     else:
-        try:
-            arr = np.asarray(mask, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise InvalidMaskError(f"mask must be an image or a 2-D array, got {type(mask).__name__}") from exc
-        if arr.size and arr.max() > 1.0:
-            arr = arr / 255.0
-    arr = np.squeeze(arr)
-    if arr.ndim == 3:
-        arr = arr.max(axis=-1 if arr.shape[-1] in (1, 3, 4) else 0)
-    if arr.ndim != 2:
-        raise InvalidMaskError(f"mask must be 2-D (height x width), got shape {tuple(arr.shape)}")
-    if arr.shape != tuple(size):
-        raise InvalidMaskError(
-            f"mask is {arr.shape[1]}x{arr.shape[0]} (WxH) but the template is {size[1]}x{size[0]}; "
-            "send a mask of the template's size"
-        )
-    if not np.isfinite(arr).all():
-        raise InvalidMaskError("mask contains NaN or infinite values")
-    binary = torch.from_numpy(arr >= 0.5)
-    if not allow_empty and not bool(binary.any()):
-        raise EmptyMaskError("mask selects no pixel (all black); paint the region to edit in white")
-    return binary
+        raise InvalidMaskError(f"{field} must be a PIL image, encoded image bytes, a numpy array or a torch tensor, "
+                               f"got {type(mask).__name__}", field=field)
+    return torch.from_numpy(np.ascontiguousarray(out))
 
 
 @dataclass
@@ -70,7 +60,8 @@ def tokens_from_mask(pixels: torch.Tensor, scale_factor: int, latent_channels: i
     latent = F.max_pool2d(m, scale_factor) if scale_factor > 1 else m
     h, w = latent.shape[-2:]
     if h % 2 or w % 2:
-        raise InvalidMaskError(f"image size must be a multiple of {2 * scale_factor} pixels; got {tuple(pixels.shape)}")
+        raise InvalidMaskError(f"image size must be a multiple of {2 * scale_factor} pixels; got {tuple(pixels.shape)}",
+                               field="mask")
     grid = F.max_pool2d(latent, 2)
     if dilate > 0:
         grid = F.max_pool2d(grid, 2 * dilate + 1, stride=1, padding=dilate)

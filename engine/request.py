@@ -8,20 +8,23 @@ from typing import Callable
 
 import torch
 
+from . import validation as v
+from .ids import validate_request_id, validate_template_id
 from .masks import TokenMask
 from .models.base import TextEmbeddings
 from .template_cache import TemplateManifest
-
-#: how an edit computes each step: the mask-aware path, its dense oracle, or a full recompute without cache
-EDIT_PATHS = ("sparse", "dense", "full")
+from .validation import EDIT_PATHS
 
 _ids = itertools.count()
 
 
 @dataclass
 class EditRequest:
+    """One edit. Scalar fields are checked on construction (typed errors, nothing coerced) and again when
+    the engine starts the request; the mask is checked against the template's size when it starts."""
+
     template_id: str
-    mask: object  # PIL image / array / tensor, white = edit
+    mask: object  # PIL image / numpy array / torch tensor / encoded PNG bytes; white = edit (see images.py)
     prompt: str
     seed: int = 0
     steps: int | None = None  # must equal the template's when given
@@ -34,6 +37,23 @@ class EditRequest:
     allow_empty_mask: bool = False  # internal: an empty mask returns the template (used by tests)
     #: if a cache shard is corrupt or unreachable mid-edit, finish by computing every token (never a wrong image)
     fallback_to_full: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise the typed error of the first bad scalar field (fields may have been reassigned since)."""
+        validate_request_id(self.request_id)
+        validate_template_id(self.template_id)
+        v.validate_prompt(self.prompt)
+        v.validate_seed(self.seed)
+        v.validate_steps(self.steps)
+        v.validate_guidance(self.guidance_scale)
+        v.validate_dilate(self.dilate)
+        v.validate_choice(self.path, EDIT_PATHS, field="path")
+        for name in ("paste_back", "allow_empty_mask", "fallback_to_full"):
+            v.validate_flag(getattr(self, name), field=name)
+        v.validate_deadline(self.deadline)
 
 
 @dataclass

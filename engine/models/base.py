@@ -25,7 +25,10 @@ class TextEmbeddings:
 
 
 class TextEncoder(Protocol):
-    """Turns prompts into transformer conditioning. `""` is the unconditional (negative) prompt."""
+    """Turns prompts into transformer conditioning. `""` is the unconditional (negative) prompt.
+
+    `encode` must be safe to call from several threads at once (pre-processing pool, registration).
+    """
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         """Raises InvalidPromptError for a prompt the model cannot encode."""
@@ -61,6 +64,7 @@ class ModelInfo:
     #: "none" (e.g. FLUX.1-schnell), "distilled" (FLUX.1-dev guidance embedding) or "cfg" (true CFG)
     guidance: str = "none"
     default_guidance_scale: float = 1.0
-    #: sha256 of the transformer config + weights fingerprint; a template cache is bound to it
+    #: fingerprint of every weight and config that changes a cache (transformer, VAE, text encoders) and the
+    #: run dtype (models/fingerprint.py); a template cache is bound to it
     config_hash: str = ""
     extra: dict = field(default_factory=dict)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
 
-from ..errors import InvalidPromptError
+from ..validation import MAX_PROMPT_CHARS, validate_prompt  # noqa: F401 - MAX_PROMPT_CHARS re-exported
 from .base import TextEmbeddings
 
 #: CPU presets. Hidden = heads x head_dim; `layers` = (dual-stream, single-stream) blocks; `text_tokens` is
@@ -18,8 +19,6 @@ PRESETS: dict[str, dict] = {
     # wider blocks (hidden 512): closer to real Flux's compute/overhead balance, for the engine benchmark
     "flux-wide": dict(resolution=512, layers=(2, 4), heads=8, head_dim=64, text_tokens=16, guidance_embeds=True, steps=8),
 }
-
-MAX_PROMPT_CHARS = 2000
 
 
 def _rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -92,24 +91,28 @@ def build_flux_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 
 class FluxTextEncoder:
-    """CLIP (pooled) + T5 (sequence) prompt encoding through the pipeline's own `encode_prompt`."""
+    """CLIP (pooled) + T5 (sequence) prompt encoding through the pipeline's own `encode_prompt`.
+
+    Thread-safe by a lock: the shared fast tokenizers are stateful (each call switches the Rust tokenizer's
+    truncation and padding, and diffusers calls them twice per prompt with different settings), so two
+    threads encoding at once could get embeddings of the wrong length: a different image with no error.
+    """
 
     def __init__(self, pipeline, max_sequence_length: int):
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length
+        self._lock = threading.Lock()
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         for p in prompts:
-            if not isinstance(p, str):
-                raise InvalidPromptError(f"prompt must be a string, got {type(p).__name__}")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise InvalidPromptError(f"prompt has {len(p)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+            validate_prompt(p)
         device = self.pipeline.transformer.device
-        embeds, pooled, text_ids = self.pipeline.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=device, num_images_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
-        )
+        with self._lock:
+            embeds, pooled, text_ids = self.pipeline.encode_prompt(
+                prompt=list(prompts), prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+            )
         return TextEmbeddings(embeds, pooled, text_ids)
 
 

@@ -1,7 +1,6 @@
 """Loads a model directory (a real local checkpoint or a saved preset) into an EditModel bundle."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .base import LatentCodec, ModelInfo, TextEncoder
+from .fingerprint import combine, directory_fingerprint, modules_fingerprint
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: the trained digits model shipped with the repository (see train_digits.py)
@@ -41,13 +41,13 @@ class EditModel:
         return len(self.transformer.transformer_blocks) + len(self.transformer.single_transformer_blocks)
 
 
-def fingerprint(transformer: torch.nn.Module) -> str:
-    """Hash of the transformer config and a fixed sample of every weight: a cache is only valid for it."""
-    h = hashlib.sha256(json.dumps(dict(transformer.config), sort_keys=True, default=str).encode())
-    for name, p in sorted(transformer.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def fingerprint(*modules: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """config_hash of a model built in memory: every weight of every module given (transformer, VAE, text).
+
+    Models loaded from a directory are fingerprinted from their files instead (see fingerprint.py).
+    """
+    dtype = dtype or next(iter(modules)).dtype
+    return combine(modules_fingerprint(*modules), str(dtype))
 
 
 def _quiet_libraries() -> None:
@@ -78,17 +78,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
         transformer, text, codec, scheduler, _ = load_digits_model(path)
         transformer = transformer.to(device=device, dtype=dtype).eval()
-        return EditModel(transformer, scheduler, text, codec, _info(meta, transformer))
+        return EditModel(transformer, scheduler, text, codec, _info(meta, _config_hash(path, dtype)))
     if (path / "model_index.json").exists():
         return _load_flux(path, meta, device, dtype)
     raise ModelLoadError(f"{str(path)!r} holds neither instgenie_model.json nor a diffusers model_index.json")
 
 
-def _info(meta: dict, transformer) -> ModelInfo:
+def _config_hash(path: Path, dtype: torch.dtype) -> str:
+    """Every model file's content (weights of transformer, VAE, text encoders; configs) + the run dtype."""
+    return combine(directory_fingerprint(path), str(dtype))
+
+
+def _info(meta: dict, config_hash: str) -> ModelInfo:
     return ModelInfo(
         model_id=meta["model_id"], family=meta.get("family", "flux"), resolution=tuple(meta["resolution"]),
         default_steps=int(meta["default_steps"]), guidance=meta.get("guidance", "none"),
-        default_guidance_scale=float(meta.get("default_guidance_scale", 1.0)), config_hash=fingerprint(transformer),
+        default_guidance_scale=float(meta.get("default_guidance_scale", 1.0)), config_hash=config_hash,
         extra={k: v for k, v in meta.items() if k not in ModelInfo.__dataclass_fields__},
     )
 
@@ -112,7 +117,8 @@ def _load_flux(path: Path, meta: dict | None, device, dtype) -> EditModel:
                 "default_guidance_scale": 3.5, "text_tokens": 512}
     text = FluxTextEncoder(pipe, max_sequence_length=int(meta.get("text_tokens", 512)))
     pipe.transformer.eval()
-    return EditModel(pipe.transformer, pipe.scheduler, text, VaeCodec(pipe.vae), _info(meta, pipe.transformer), pipe)
+    return EditModel(pipe.transformer, pipe.scheduler, text, VaeCodec(pipe.vae), _info(meta, _config_hash(path, dtype)),
+                     pipe)
 
 
 def preset_model(name: str, root: str | Path | None = None, seed: int = 0, **kwargs) -> EditModel:

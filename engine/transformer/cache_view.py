@@ -5,9 +5,10 @@ from typing import Protocol
 
 import torch
 
-#: cache modes: "kv" keeps each block's image K/V (post QK-norm and RoPE, head-major (heads, N, head_dim));
-#: "y" keeps each block's image-token output (N, hidden)
-CACHE_MODES = ("kv", "y")
+from ..validation import CACHE_MODES  # noqa: F401 - re-exported
+
+# cache modes: "kv" keeps each block's image K/V (post QK-norm and RoPE, head-major (heads, N, head_dim));
+# "y" keeps each block's image-token output (N, hidden)
 
 
 def tensor_name(mode: str, block: int, part: str = "") -> str:

@@ -6,12 +6,14 @@ It is three things at once:
   * the correctness oracle of the sparse path: every token is computed, but unmasked image rows of K/V
     (KV mode) or of block outputs (Y mode) are replaced by the template's cache, which is exactly what the
     sparse path assumes. Sparse output rows must match these within float tolerance.
-Attention processors and forward hooks are swapped in for the call and restored afterwards.
+Recording and substitution are per thread: taps installed once on the shared transformer act only for the
+thread whose dense forward is running (see `instrument`), so a registration may run beside the engine loop.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -29,59 +31,99 @@ class _Capture:
     caches: list[BlockCache] | None = None
     keep: torch.Tensor | None = None  # (S, N) True where the token is computed fresh (masked)
     use_cache: list[bool] | None = None
-    hooks: list = field(default_factory=list)
+    owner: object = None  # the transformer this capture belongs to
 
     def substitutes(self, block: int) -> bool:
         return self.caches is not None and (self.use_cache is None or self.use_cache[block])
 
 
-class _RecordingAttnProcessor:
+def _recording_attention(cap: _Capture, block: int, attn, hidden_states, encoder_hidden_states=None,
+                         attention_mask=None, image_rotary_emb=None):
     """diffusers' FluxAttnProcessor with a tap on the image K/V after QK-norm and RoPE."""
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-    def __init__(self, capture: _Capture, block: int):
-        self.capture, self.block = capture, block
+    t = cap.n_txt
+    if cap.record is not None:
+        cap.record[tensor_name("kv", block, "k")] = key[:, t:].transpose(1, 2).contiguous()
+        cap.record[tensor_name("kv", block, "v")] = value[:, t:].transpose(1, 2).contiguous()
+    if cap.substitutes(block):
+        key, value = key.clone(), value.clone()
+        for s, cache in enumerate(cap.caches):
+            k_cached, v_cached = cache.kv(block)
+            stale = ~cap.keep[s]
+            key[s, t:][stale] = k_cached.transpose(0, 1)[stale]
+            value[s, t:][stale] = v_cached.transpose(0, 1)[stale]
+
+    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+    out = out.flatten(2, 3).to(query.dtype)
+    if encoder_hidden_states is not None:
+        encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(encoder_out.contiguous())
+    return out
+
+
+# The capture of the dense forward running on *this* thread, if any. The transformer is shared: the engine
+# loop steps it while a registration records a template beside it, so the instrumentation is installed once
+# and each call looks up its own thread's capture instead of swapping processors or hooks per call (which
+# would make the other thread's forward record into, or substitute from, the wrong cache).
+_active = threading.local()
+_install_lock = threading.Lock()
+
+
+def _capture_for(transformer) -> _Capture | None:
+    cap = getattr(_active, "capture", None)
+    return cap if cap is not None and cap.owner is transformer else None
+
+
+class _DispatchingAttnProcessor:
+    """Installed on every block once; the block's own processor unless this thread's dense forward taps KV."""
+
+    _own = ("original", "block", "transformer")
+
+    def __init__(self, original, block: int, transformer):
+        object.__setattr__(self, "original", original)
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "transformer", transformer)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        cap = _capture_for(self.transformer)
+        if cap is None or cap.mode != "kv":
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return _recording_attention(cap, self.block, attn, hidden_states, encoder_hidden_states, attention_mask,
+                                    image_rotary_emb)
 
-        cap, t = self.capture, self.capture.n_txt
-        if cap.record is not None:
-            cap.record[tensor_name("kv", self.block, "k")] = key[:, t:].transpose(1, 2).contiguous()
-            cap.record[tensor_name("kv", self.block, "v")] = value[:, t:].transpose(1, 2).contiguous()
-        if cap.substitutes(self.block):
-            key, value = key.clone(), value.clone()
-            for s, cache in enumerate(cap.caches):
-                k_cached, v_cached = cache.kv(self.block)
-                stale = ~cap.keep[s]
-                key[s, t:][stale] = k_cached.transpose(0, 1)[stale]
-                value[s, t:][stale] = v_cached.transpose(0, 1)[stale]
+    # diffusers configures processors by attribute (e.g. the attention backend): those belong to the original
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "original"), name)
 
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-            return out, attn.to_add_out(encoder_out.contiguous())
-        return out
+    def __setattr__(self, name, value):
+        if name in self._own:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.original, name, value)
 
 
-def _y_hook(capture: _Capture, block: int):
+def _y_hook(transformer, block: int):
     def hook(module, args, output):
+        capture = _capture_for(transformer)
+        if capture is None or capture.mode != "y":
+            return None  # output unchanged
         encoder_out, image_out = output
         if capture.record is not None:
             capture.record[tensor_name("y", block)] = image_out.clone()
@@ -95,22 +137,35 @@ def _y_hook(capture: _Capture, block: int):
     return hook
 
 
-@contextlib.contextmanager
-def _instrumented(transformer, capture: _Capture):
+def instrument(transformer) -> None:
+    """Install the per-thread recording/substitution taps on `transformer` (idempotent).
+
+    Call it before the transformer is shared between threads (the Editor does so on construction): installing
+    changes the blocks' processors and hook tables, which must not happen under another thread's forward.
+    With no dense forward active on a thread, the taps call the original processors: stock results, bit for bit.
+    """
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    saved = [blk.attn.processor for blk in blocks]
-    try:
+    with _install_lock:
+        hooked = transformer.__dict__.setdefault("_instgenie_y_hooked", set())
         for i, blk in enumerate(blocks):
-            if capture.mode == "kv":
-                blk.attn.set_processor(_RecordingAttnProcessor(capture, i))
-            else:
-                capture.hooks.append(blk.register_forward_hook(_y_hook(capture, i)))
+            proc = blk.attn.processor
+            if not (isinstance(proc, _DispatchingAttnProcessor) and proc.transformer is transformer):
+                blk.attn.set_processor(_DispatchingAttnProcessor(proc, i, transformer))
+            if i not in hooked:
+                blk.register_forward_hook(_y_hook(transformer, i))
+                hooked.add(i)
+
+
+@contextlib.contextmanager
+def _activated(transformer, capture: _Capture):
+    instrument(transformer)
+    if getattr(_active, "capture", None) is not None:
+        raise RuntimeError("a dense forward is already active on this thread")
+    _active.capture = capture
+    try:
         yield
     finally:
-        for blk, proc in zip(blocks, saved):
-            blk.attn.set_processor(proc)
-        for h in capture.hooks:
-            h.remove()
+        _active.capture = None
 
 
 @torch.no_grad()
@@ -142,6 +197,6 @@ def dense_forward(
     if mode is None:
         return transformer(**call)[0]
     capture = _Capture(mode=mode, n_txt=prompt_embeds.shape[1], record=record, caches=caches, keep=keep,
-                       use_cache=use_cache)
-    with _instrumented(transformer, capture):
+                       use_cache=use_cache, owner=transformer)
+    with _activated(transformer, capture):
         return transformer(**call)[0]

@@ -153,11 +153,12 @@ def _rope_tables(tr, txt_ids: torch.Tensor, img_ids: torch.Tensor):
     """RoPE cos/sin of [text, image] positions; memoised, as every step of every request reuses them."""
     ids = torch.cat((txt_ids, img_ids), dim=0)
     key = (id(tr), ids.shape, ids.device, hash(ids.cpu().numpy().tobytes()))
-    if key not in _ROPE_CACHE:
+    tables = _ROPE_CACHE.get(key)
+    if tables is None:  # read once, return the local: another thread may clear the memo meanwhile
         if len(_ROPE_CACHE) > 16:
             _ROPE_CACHE.clear()
-        _ROPE_CACHE[key] = tr.pos_embed(ids)
-    return _ROPE_CACHE[key]
+        tables = _ROPE_CACHE[key] = tr.pos_embed(ids)
+    return tables
 
 
 def _refresh_full(caches, block: int, h_img: torch.Tensor, pack: _Packing) -> torch.Tensor:
