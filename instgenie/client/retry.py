@@ -1,4 +1,4 @@
-"""When the SDK retries a failed call (UNAVAILABLE on idempotent calls only) and how long it waits, within a deadline."""
+"""When the SDK retries a failed call (UNAVAILABLE, idempotent calls only) and how long it waits, within a deadline."""
 from __future__ import annotations
 
 import random

@@ -184,6 +184,11 @@ def serving(edit: ScriptedEditService | None = None,
         server.stop(grace=None).wait()
 
 
+def at_most(seconds: float) -> float:
+    """The most a server may see left of a `seconds` deadline: gRPC rounds the grpc-timeout header up a little."""
+    return seconds * 1.01 + 0.2
+
+
 # -- messages the scripts answer with ---------------------------------------------------------------------------
 
 def png(width: int = 16, height: int = 16, color=(200, 30, 30)) -> bytes:

@@ -11,17 +11,12 @@ from instgenie.client import (Accepted, CacheMode, CancelOutcome, Client, EditRe
                               Progress, Queued, Result, Started, Template, TemplateState)
 from instgenie.client import errors
 from instgenie.gateway.v1 import edit_service_pb2 as pb
-from tests.client.conftest import API_KEY
-from tests.client.scripted_server import (Fail, Stream, echo_request_id, edit_events, edit_result, invalid_argument,
-                                          operation, png, template, unavailable)
 from instgenie.status import StatusInfo
+from tests.client.conftest import API_KEY
+from tests.client.scripted_server import (Fail, Stream, at_most, echo_request_id, edit_events, edit_result,
+                                          invalid_argument, operation, png, template, unavailable)
 
 MASK = png(16, 16, (255, 255, 255))
-
-
-def at_most(seconds: float) -> float:
-    """The most a server may see left of a `seconds` deadline: gRPC rounds the grpc-timeout header up a little."""
-    return seconds * 1.01 + 0.2
 
 
 def created(template_id="tpl-1"):
