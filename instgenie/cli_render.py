@@ -93,6 +93,15 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     console=console, disable=not enabled)
 
 
+def _stop(progress: Progress, failed: bool) -> None:
+    # A bar of a call that failed says nothing the error line does not; take it off the screen.
+    if failed:
+        progress.live.transient = True
+        if not progress.console.is_terminal:
+            progress.console.quiet = True  # not even the blank line a non-terminal gets for a transient bar
+    progress.stop()
+
+
 class RegistrationBar:
     """A bar over a template's registration steps; pass it as create_template's `progress` callback."""
 
@@ -104,8 +113,8 @@ class RegistrationBar:
         self._progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._progress.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _stop(self._progress, failed=exc_type is not None)
 
     def __call__(self, operation: Operation) -> None:
         total = operation.total_steps or None
@@ -127,8 +136,8 @@ class EditBar:
         self._task = self._progress.add_task("sending", total=None)
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._progress.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _stop(self._progress, failed=exc_type is not None)
 
     def __call__(self, event) -> None:
         update = {}

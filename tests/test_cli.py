@@ -162,7 +162,8 @@ def test_edit_writes_the_image_and_a_summary(mesh, mask, tmp_path, capsys):
 
 def test_edit_invalid_argument_shows_the_field(mesh, mask, tmp_path, capsys):
     mesh.edit.script("StreamEdit", invalid_argument("mask", "the mask is empty"))
-    code = run(mesh, "-q", "edit", "--template", "tpl-1", "--mask", str(mask), "--prompt", "8",
+    # With the progress bar on: a failed call must leave nothing but the error line.
+    code = run(mesh, "edit", "--template", "tpl-1", "--mask", str(mask), "--prompt", "8",
                "--out", str(tmp_path / "out.png"))
     err = capsys.readouterr().err
     assert code == 1

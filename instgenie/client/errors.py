@@ -43,7 +43,9 @@ class InstGenIEError(Exception):
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message or self.code.name.lower().replace('_', ' ')}"
         if self.violations:
-            text += " [" + "; ".join(f"{v.field}: {v.description}" for v in self.violations) + "]"
+            # A violation that only repeats the message adds just its field name.
+            text += " [" + "; ".join(v.field if v.description in ("", self.message) else f"{v.field}: {v.description}"
+                                     for v in self.violations) + "]"
         if self.retry_after is not None:
             text += f" (retry after {self.retry_after:g} s)"
         if self.earlier:

@@ -37,6 +37,10 @@ def test_str_is_one_line_with_violations_and_retry_hint():
     busy = error_from_status(StatusInfo(grpc.StatusCode.RESOURCE_EXHAUSTED, "cluster full", retry_after=2.5))
     assert str(busy) == "RESOURCE_EXHAUSTED: cluster full (retry after 2.5 s)"
     assert "\n" not in str(err) + str(busy)
+    # The gateway often repeats the message as the field's description: then the field name is enough.
+    echo = error_from_status(StatusInfo(grpc.StatusCode.INVALID_ARGUMENT, "steps must be 1-200",
+                                        violations=[FieldViolation("steps", "steps must be 1-200")]))
+    assert str(echo) == "INVALID_ARGUMENT: steps must be 1-200 [steps]"
 
 
 def test_str_counts_attempts_when_retried():
