@@ -48,6 +48,7 @@ class Entry:
     admitted_at: float | None = None
     last_step: float = 0.0
     error: str | None = None
+    template_id: str = ""  # for load reports only; scheduling never looks at it
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Event:
     steps_done: int
     total_steps: int
     error: str | None = None
+    #: requests in the step that produced this event (0 for events no step produced: admission, cancel, expiry)
+    batch_size: int = 0
 
 
 @dataclass
@@ -179,33 +182,34 @@ class StepScheduler:
                 self._finish(e, Status.EXPIRED,
                              f"deadline exceeded after {e.steps_done} of {e.total_steps} steps")
 
-    def _finish(self, e: Entry, status: Status, error: str | None = None) -> None:
+    def _finish(self, e: Entry, status: Status, error: str | None = None, batch_size: int = 0) -> None:
         self.running.pop(e.request_id, None)
         if e.status == Status.WAITING:
             self.waiting = deque(w for w in self.waiting if w.request_id != e.request_id)
         e.status, e.error = status, error
         self._cancelled.discard(e.request_id)
         setattr(self.stats, status.value, getattr(self.stats, status.value) + 1)
-        self._pending_events.append(Event(e.request_id, status, e.steps_done, e.total_steps, error))
+        self._pending_events.append(Event(e.request_id, status, e.steps_done, e.total_steps, error, batch_size))
 
     # -------------------------------------------------------------------------------------- results
     def update(self, plan: StepPlan, failed: dict[str, str] | None = None) -> list[Event]:
         """Record the outcome of `plan`'s step. `failed` maps request ids whose step failed to the error."""
         failed = failed or {}
         now = self.clock()
+        size = len(plan.request_ids)
         for rid in plan.request_ids:
             e = self.entries[rid]
             if e.status.terminal:
                 continue
             if rid in failed:
-                self._finish(e, Status.FAILED, failed[rid])
+                self._finish(e, Status.FAILED, failed[rid], size)
                 continue
             e.steps_done += 1
             e.last_step = now
             if e.steps_done >= e.total_steps:
-                self._finish(e, Status.FINISHED)
+                self._finish(e, Status.FINISHED, batch_size=size)
             else:
-                self._pending_events.append(Event(rid, Status.RUNNING, e.steps_done, e.total_steps))
+                self._pending_events.append(Event(rid, Status.RUNNING, e.steps_done, e.total_steps, batch_size=size))
         return self.drain_events()
 
     def drain_events(self) -> list[Event]:
