@@ -19,6 +19,7 @@ import grpc
 from instgenie.status import FieldViolation, StatusInfo, parse_rpc_error
 
 from .logs import request_id_var
+from .objectstore import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ def status_of(exc: BaseException) -> StatusInfo | None:
         return exc.info
     if isinstance(exc, grpc.aio.AioRpcError) or isinstance(exc, grpc.RpcError):
         return parse_rpc_error(exc)
+    if isinstance(exc, StoreUnavailable):
+        # Its message names internal endpoints; the client needs to know it is transient, the log the rest.
+        log.warning("object store unavailable: %s", exc)
+        return StatusInfo(grpc.StatusCode.UNAVAILABLE, "the object store holding templates is unreachable right "
+                          "now; retry shortly", "STORE_UNAVAILABLE", retry_after=2.0)
     code_name = getattr(exc, "grpc_code", None)
     if code_name and code_name != "INTERNAL":
         code = grpc.StatusCode[code_name]

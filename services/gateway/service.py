@@ -28,6 +28,7 @@ from instgenie.status import parse_rpc_error
 from instgenie.worker.v1 import worker_service_pb2 as wpb
 
 from ..common.logs import request_id_var
+from ..common.objectstore import StoreUnavailable
 from ..common.server import channel_options
 from ..common.status import ServiceError, invalid, rpc
 from . import validation as v
@@ -115,8 +116,15 @@ class GatewayService(pb_grpc.EditServiceServicer):
         cached = self._record_cache.get(key)
         if cached and not fresh and time.monotonic() - cached[1] < self.config.record_ttl:
             return cached[0]
-        record = await self._io_call(self.records.get, tenant.name, template_id,
-                                     driven_here=template_id in self._driving)
+        try:
+            record = await self._io_call(self.records.get, tenant.name, template_id,
+                                         driven_here=template_id in self._driving)
+        except StoreUnavailable:
+            if cached and cached[0].state == READY and not fresh:
+                # A READY record changes only by deletion: while the store is down, edits of templates this
+                # gateway has seen go on (workers hold their caches in host memory).
+                return cached[0]
+            raise
         if record is None:
             self._record_cache.pop(key, None)
             # The same answer whether the id never existed or belongs to another tenant: no existence leak.

@@ -107,28 +107,32 @@ def check_mask(data: bytes, width: int, height: int, scale_factor: int, dilate: 
     if image.size != (width, height):
         raise invalid("mask", f"mask is {image.size[0]}x{image.size[1]} but the template is {width}x{height}; "
                       "send a mask of the template's size")
+    # The engine's rules first: they refuse modes and value ranges that are no mask at all.
+    mask = mask_from_image(image, (height, width), limits=limits.image, field="mask")
     grey = _grey_fraction(image)
     if grey > limits.max_grey_fraction:
         raise invalid("mask", f"mask is not black and white: {grey:.0%} of its pixels are grey. Send white "
                       "(edit) and black (keep) pixels only; did you send the image instead of its mask?")
-    mask = mask_from_image(image, (height, width))
     if not mask.any():
         raise invalid("mask", "mask selects no pixel (all black or fully transparent); paint the region to edit "
                       "in white", reason="EMPTY_MASK")
     return mask, mask_tokens(mask, scale_factor, dilate)
 
 
+#: 8-bit modes whose grey levels mean something; others (1, F, I, I;16) are judged by the engine's rules alone
+_GREY_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "P", "PA")
+
+
 def _grey_fraction(image) -> float:
-    if image.mode in ("1", "P", "F", "I", "I;16"):
-        return 0.0  # palette and bilevel images are read by their own rules; float/int ones checked by range
-    if "A" in image.getbands():
-        alpha = np.asarray(image.getchannel("A"))
+    """Share of pixels that are neither near-black nor near-white, in the channel the mask is read from."""
+    if image.mode not in _GREY_MODES:
+        return 0.0
+    rgba = image.convert("RGBA") if image.mode in ("LA", "RGBA", "P", "PA") else None
+    if rgba is not None:
+        alpha = np.asarray(rgba)[..., 3]
         if alpha.min() != alpha.max():
-            values = alpha
-        else:
-            values = np.asarray(image.convert("L"))
-    else:
-        values = np.asarray(image.convert("L"))
+            return float(((alpha > 16) & (alpha < 239)).mean())
+    values = np.asarray(image.convert("L"))
     return float(((values > 16) & (values < 239)).mean()) if values.size else 0.0
 
 

@@ -134,8 +134,12 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
                 continue
             if ev is None:
                 return
+            if ev.status == Status.FINISHED:  # the last step: report it; the future carries the result
+                yield wpb.EditResponse(progress=wpb.EditResponse.Progress(
+                    step=ev.steps_done, total_steps=ev.total_steps, batch_size=ev.batch_size))
+                continue
             if ev.status != Status.RUNNING:
-                continue  # terminal: the future carries the outcome
+                continue  # cancelled, expired or failed: the future carries the outcome
             if ev.steps_done == 0:
                 yield wpb.EditResponse(started=wpb.EditResponse.Started(batch_size=ev.batch_size))
             else:
