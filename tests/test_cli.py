@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from instgenie import cli
+from instgenie import cli, cli_render
 from instgenie.cli_config import DEFAULT_GATEWAY, DEFAULT_SCHEDULER, gateway_endpoint, scheduler_endpoint
 from instgenie.client import sync
 from instgenie.gateway.v1 import edit_service_pb2 as pb
@@ -185,6 +186,22 @@ def test_timeout_flag_sets_the_deadline(mesh, mask, tmp_path, capsys):
     assert run(mesh, "-q", "edit", "--template", "tpl-1", "--mask", str(mask), "--prompt", "8",
                "--out", str(tmp_path / "out.png"), "--timeout", "7") == 0
     assert mesh.edit.calls("StreamEdit")[0].time_remaining <= at_most(7.0)
+
+
+def test_interrupt_exits_130_and_cancels_the_edit(mesh, mask, tmp_path, monkeypatch, capsys):
+    def ctrl_c(self, event):
+        raise KeyboardInterrupt
+
+    release = threading.Event()
+    mesh.edit.script("StreamEdit", Stream(edit_events()[:2], hold=release))
+    monkeypatch.setattr(cli_render.EditBar, "__call__", ctrl_c)
+    try:
+        assert run(mesh, "edit", "--template", "tpl-1", "--mask", str(mask), "--prompt", "8",
+                   "--out", str(tmp_path / "out.png")) == 130
+        assert mesh.edit.cancelled["StreamEdit"].wait(timeout=10), "the edit call was left running"
+    finally:
+        release.set()
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 @pytest.mark.parametrize("argv", [

@@ -65,6 +65,8 @@ async def call_stream(method, request, *, metadata, deadline: Deadline, policy: 
 class AsyncClient:
     """`Client` for asyncio: same arguments, defaults and retry rules; use `async with` or `await close()`.
 
+    Use one client within one event loop (its channel opens on the first call, in that loop).
+
     Streaming methods (watch_operation, iter_templates, stream_edit) return async iterators; wrap them in
     `contextlib.aclosing` when you may leave the loop early, so the call is cancelled at once.
     """
@@ -78,19 +80,31 @@ class AsyncClient:
         self.timeouts = calls.Timeouts(default=timeout, edit=edit_timeout, create_wait=create_timeout)
         self.retry = RetryPolicy(max_retries=max_retries, initial_backoff=initial_backoff, max_backoff=max_backoff,
                                  retry_resource_exhausted=retry_resource_exhausted)
-        options = calls.channel_options(channel_options)
-        if tls:
-            self._channel = grpc.aio.secure_channel(address, calls.channel_credentials(root_certificates), options)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options)
-        self._stub = pb_grpc.EditServiceStub(self._channel)
+        self._options = calls.channel_options(channel_options)
+        self._credentials = calls.channel_credentials(root_certificates) if tls else None
+        # Opened on first use: a grpc.aio channel belongs to the event loop running when it is made, so the
+        # client can be built anywhere (module level, sync setup code) and then used inside one loop.
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: pb_grpc.EditServiceStub | None = None
         self._metadata = calls.auth_metadata(api_key)
         self._rng = random.Random()
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
+    @property
+    def _stub(self) -> pb_grpc.EditServiceStub:
+        if self._stub_ is None:
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials, self._options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self.address, self._options)
+            self._stub_ = pb_grpc.EditServiceStub(self._channel)
+        return self._stub_
+
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub_ = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

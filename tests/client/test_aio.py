@@ -159,3 +159,15 @@ def test_operations_models_and_cancel(address, service):
     assert finished.done and finished.template.template_id == "tpl-1"
     assert service.calls("WaitOperation")[0].request.timeout.seconds == 20
     assert [m.name for m in models] == ["digits"] and outcome == "already_finished"
+
+
+def test_client_built_outside_the_event_loop(address, service):
+    # The channel opens on the first call, inside the loop that makes it; building the client earlier is fine.
+    client = AsyncClient(address, API_KEY)
+    service.script("ListModels", pb.ListModelsResponse())
+
+    async def main():
+        async with client:
+            return await client.list_models()
+
+    assert asyncio.run(main()) == []
