@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     create.add_argument("--model", default="", help="model name (default: the one serving the image's size)")
     create.add_argument("--request-id", default=None,
-                        help="idempotency id: repeating the command with it never registers twice")
+                        help="idempotency id (default: a fresh one): repeating the command with it never "
+                             "registers twice")
     create.add_argument("--no-wait", action="store_true", help="print the id at once, do not wait until ready")
     create.set_defaults(handler=_cmd_templates_create)
 
@@ -146,9 +147,13 @@ def _run_mesh(argv: list[str]) -> int:
 def _cmd_templates_create(args) -> int:
     from instgenie.cli_render import RegistrationBar, stderr_console
 
+    from instgenie.client.calls import new_request_id
+
     image = _input_file(args.image, "image")
+    # Always an idempotency id (the SDK sends none unless given): a dropped connection is then retried
+    # without the risk of registering the template twice.
     options = dict(name=args.name, steps=args.steps, seed=args.seed, guidance_scale=args.guidance,
-                   cache_mode=args.mode, model=args.model, request_id=args.request_id)
+                   cache_mode=args.mode, model=args.model, request_id=args.request_id or new_request_id())
     with _client(args) as client:
         if args.no_wait:
             operation = client.create_template(image, args.prompt, wait=False, **options)

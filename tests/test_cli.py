@@ -96,6 +96,15 @@ def test_templates_create_no_wait(mesh, image, capsys):
     assert mesh.edit.calls("WatchOperation") == []
 
 
+def test_templates_create_always_sends_a_request_id_so_it_can_retry(mesh, image, capsys):
+    mesh.edit.script("CreateTemplate", Fail(grpc.StatusCode.UNAVAILABLE, "restarting"),
+                     pb.CreateTemplateResponse(operation=operation("tpl-3")))
+    assert run(mesh, "templates", "create", str(image), "--prompt", "3", "--no-wait") == 0
+    assert capsys.readouterr().out == "tpl-3\n"
+    ids = [s.request.request_id for s in mesh.edit.calls("CreateTemplate")]
+    assert len(ids) == 2 and ids[0] == ids[1] and ids[0].startswith("sdk-")
+
+
 def test_templates_create_failure(mesh, image, capsys):
     failure = StatusInfo(grpc.StatusCode.INVALID_ARGUMENT, "no model serves 16x16")
     mesh.edit.script("CreateTemplate", pb.CreateTemplateResponse(operation=operation(done=True, error=failure)))
