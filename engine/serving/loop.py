@@ -279,8 +279,8 @@ class EngineLoop:
         self._intake()
         plan = self.scheduler.schedule()
         self._dispatch(self.scheduler.drain_events())
+        self._publish()  # the batch about to step and the queue behind it
         if plan is None:
-            self._publish()
             self.stats.overhead_cpu_seconds += time.thread_time() - cpu0
             deadline = self.scheduler.next_deadline()
             wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - self.clock()))
