@@ -64,3 +64,39 @@ def test_template_of_another_model_is_refused(tiny_editor, small_editor, templat
     res = small_editor.model.info.resolution
     with pytest.raises(CacheMismatchError, match="registered with model"):
         small_editor.edit(template.template_id, np.ones(res), "x")
+
+
+def test_every_error_class_has_its_own_stable_code_and_a_grpc_status():
+    from instgenie.engine import errors
+    from instgenie.engine.serving.loop import RequestAborted
+    from instgenie.engine.serving.scheduler import Status
+
+    classes = errors.error_classes()
+    codes = [c.code for c in classes]
+    assert len(codes) == len(set(codes)), sorted(codes)
+    grpc = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "DATA_LOSS", "UNAVAILABLE",
+            "INTERNAL"}
+    assert all(c.grpc_code in grpc for c in classes)
+    # the codes the services map (a rename is a breaking change of the wire contract)
+    assert {c.__name__: c.code for c in classes}.items() >= {
+        "InvalidMaskError": "INVALID_MASK", "EmptyMaskError": "EMPTY_MASK", "InvalidStepsError": "INVALID_STEPS",
+        "InvalidPromptError": "INVALID_PROMPT", "InvalidImageError": "INVALID_IMAGE",
+        "ImageTooLargeError": "IMAGE_TOO_LARGE", "InvalidSeedError": "INVALID_SEED",
+        "InvalidGuidanceError": "INVALID_GUIDANCE", "InvalidTemplateIdError": "INVALID_TEMPLATE_ID",
+        "TemplateNotFoundError": "TEMPLATE_NOT_FOUND", "CacheMismatchError": "CACHE_MISMATCH",
+        "CacheIntegrityError": "CACHE_INTEGRITY", "CacheUnavailableError": "CACHE_UNAVAILABLE",
+        "ModelLoadError": "MODEL_LOAD"}.items()
+    assert issubclass(errors.ImageTooLargeError, errors.InvalidImageError)
+    assert errors.ImageTooLargeError.grpc_code == "INVALID_ARGUMENT"
+    aborted = RequestAborted(Status.EXPIRED, "x")
+    assert (aborted.code, aborted.grpc_code) == ("DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED")
+
+
+def test_errors_carry_the_field_at_fault():
+    from instgenie.engine.errors import InvalidInputError, TemplateNotFoundError
+
+    err = InvalidInputError("bad", field="seed")
+    assert err.field == "seed" and str(err) == "bad" and isinstance(err, ValueError)
+    assert InvalidInputError("bad").field is None
+    missing = TemplateNotFoundError("template 'x' does not exist", field="template_id")
+    assert str(missing) == "template 'x' does not exist" and isinstance(missing, KeyError)
