@@ -39,6 +39,10 @@ from .templates import CREATING, FAILED, READY, TemplateRecord, TemplateRecords,
 log = logging.getLogger(__name__)
 
 NOT_FOUND, PRECONDITION = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
+#: masks up to this size are decoded on the event loop (well under a millisecond), bigger ones in the pool
+INLINE_DECODE_BYTES = 16 * 1024
+#: a unary edit shows no progress: the worker reports steps this rarely (enough for the scheduler's view of load)
+UNARY_PROGRESS_MS = 100
 _CACHE_MODES = {pb.CACHE_MODE_UNSPECIFIED: "kv", pb.CACHE_MODE_KV: "kv", pb.CACHE_MODE_Y: "y"}
 
 
@@ -77,6 +81,7 @@ class GatewayService(pb_grpc.EditServiceServicer):
         self._models_at = 0.0
         self._record_cache: dict[tuple[str, str], tuple[TemplateRecord, float]] = {}
         self._driving: dict[str, asyncio.Task] = {}
+        self._driving_records: dict[str, TemplateRecord] = {}
         self._changed: dict[str, asyncio.Event] = {}
 
     async def close(self) -> None:
@@ -113,6 +118,9 @@ class GatewayService(pb_grpc.EditServiceServicer):
 
     async def _record(self, tenant: Tenant, template_id: str, *, fresh: bool = False) -> TemplateRecord:
         key = (tenant.name, template_id)
+        driven = self._driving_records.get(template_id)
+        if driven is not None and driven.tenant == tenant.name:
+            return driven  # this gateway drives its registration: the live record, no store round trip
         cached = self._record_cache.get(key)
         if cached and not fresh and time.monotonic() - cached[1] < self.config.record_ttl:
             return cached[0]
@@ -182,7 +190,12 @@ class GatewayService(pb_grpc.EditServiceServicer):
             await self._io_call(self.records.remember_request, tenant.name, request.request_id, record.template_id)
         task = asyncio.get_running_loop().create_task(self._drive_registration(record, request.image))
         self._driving[record.template_id] = task
-        task.add_done_callback(lambda _: self._driving.pop(record.template_id, None))
+        self._driving_records[record.template_id] = record
+
+        def done(_):
+            self._driving.pop(record.template_id, None)
+            self._driving_records.pop(record.template_id, None)
+        task.add_done_callback(done)
         log.info("template %s (%dx%d, model %s) registering for tenant %s", record.template_id, width, height,
                  model.model_id, tenant.name)
         return pb.CreateTemplateResponse(operation=self._operation(record))
@@ -380,8 +393,9 @@ class GatewayService(pb_grpc.EditServiceServicer):
             raise invalid("steps", f"template {record.template_id!r} was registered with {record.steps} steps; edits "
                           f"run that many (send 0 or {record.steps}), got {e.steps}")
         model = await self._model(record.model)
-        _, tokens = await self._io_call(v.check_mask, e.mask, record.width, record.height, model.scale_factor,
-                                        e.dilate, limits)
+        check = (v.check_mask, e.mask, record.width, record.height, model.scale_factor, e.dilate, limits)
+        # A small mask decodes faster than a hop to the thread pool; a big one must not stall the event loop.
+        _, tokens = check[0](*check[1:]) if len(e.mask) <= INLINE_DECODE_BYTES else await self._io_call(*check)
         seed = e.seed if e.HasField("seed") else secrets.randbelow(2 ** 31)
         job = wpb.EditRequest(request_id=worker_request_id(tenant.name, e.request_id), template_id=e.template_id,
                               mask=e.mask, prompt=e.prompt, seed=seed, steps=record.steps, dilate=e.dilate,
@@ -392,40 +406,60 @@ class GatewayService(pb_grpc.EditServiceServicer):
                                cache_bytes=record.cache_bytes, steps=record.steps,
                                tenant_max_in_flight=tenant.max_in_flight), record
 
-    async def _edit_events(self, e: pb.EditRequest, context):
-        """The public event stream of one edit (with keepalives); raises ServiceError on failure."""
+    async def _scheduler_messages(self, call, keepalive: float | None):
+        """The scheduler's messages, with None inserted after `keepalive` seconds without one (streams only)."""
+        if keepalive is None:  # unary: no queue, no timers on the hot path
+            try:
+                async for msg in call:
+                    yield msg
+            except grpc.aio.AioRpcError as exc:
+                raise ServiceError.of(parse_rpc_error(exc)) from None
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump():
+            try:
+                async for msg in call:
+                    queue.put_nowait(msg)
+                queue.put_nowait(done)
+            except grpc.aio.AioRpcError as exc:
+                queue.put_nowait(exc)
+
+        reader = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), keepalive)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                if msg is done:
+                    return
+                if isinstance(msg, grpc.aio.AioRpcError):
+                    raise ServiceError.of(parse_rpc_error(msg))
+                yield msg
+        finally:
+            reader.cancel()
+
+    async def _edit_events(self, e: pb.EditRequest, context, stream: bool):
+        """The public event stream of one edit (keepalives and every step when `stream`); raises on failure."""
         started = time.monotonic()
         tenant = self._tenant(context)
         if not e.request_id:
             e.request_id = uuid.uuid4().hex
         request_id_var.set(e.request_id)
         request, record = await self._prepare_edit(tenant, e)
+        if not stream:
+            request.edit.progress_interval_ms = UNARY_PROGRESS_MS
         remaining = self._remaining(context, self.config.default_edit_deadline)
         call = self.scheduler.Edit(request, timeout=remaining)
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump():
-            try:
-                async for msg in call:
-                    queue.put_nowait(msg)
-                queue.put_nowait(None)
-            except grpc.aio.AioRpcError as exc:
-                queue.put_nowait(exc)
-
-        reader = asyncio.get_running_loop().create_task(pump())
         worker, rid = "", e.request_id
         try:
-            while True:
-                try:
-                    msg = await asyncio.wait_for(queue.get(), self.config.keepalive_seconds)
-                except asyncio.TimeoutError:
+            async for msg in self._scheduler_messages(call, self.config.keepalive_seconds if stream else None):
+                if msg is None:
                     yield pb.StreamEditResponse(request_id=rid, keepalive=pb.StreamEditResponse.Keepalive())
                     continue
-                if msg is None:
-                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the edit ended without a result",
-                                       reason="NO_RESULT")
-                if isinstance(msg, grpc.aio.AioRpcError):
-                    raise ServiceError.of(parse_rpc_error(msg))
                 if msg.WhichOneof("event") == "placement":
                     worker = msg.placement.worker_id
                     if msg.placement.attempt == 1:
@@ -452,20 +486,20 @@ class GatewayService(pb_grpc.EditServiceServicer):
                         queue_seconds=r.queue_seconds, total_seconds=time.monotonic() - started,
                         worker=r.worker_id or worker))
                     return
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the edit ended without a result", reason="NO_RESULT")
         finally:
-            reader.cancel()
             call.cancel()
 
     @rpc
     async def StreamEdit(self, request, context):
         # aclosing: a client that leaves closes this stream, and the edit's scheduler call with it, at once.
-        async with aclosing(self._edit_events(request.edit, context)) as events:
+        async with aclosing(self._edit_events(request.edit, context, stream=True)) as events:
             async for event in events:
                 yield event
 
     @rpc
     async def Edit(self, request, context):
-        async with aclosing(self._edit_events(request, context)) as events:
+        async with aclosing(self._edit_events(request, context, stream=False)) as events:
             async for event in events:
                 if event.WhichOneof("event") == "result":
                     return pb.EditResponse(result=event.result)

@@ -30,6 +30,16 @@ _MODES = {"kv": pb.CACHE_MODE_KV, "y": pb.CACHE_MODE_Y}
 _EPOCH_LIMIT_MS = 16 ** 12 - 1
 
 
+TORN_READ_RETRIES = 5
+
+
+class RecordCorrupt(Exception):
+    """A template record that stays unreadable: the store lost data."""
+
+    grpc_code = "DATA_LOSS"
+    code = "RECORD_CORRUPT"
+
+
 def new_template_id() -> str:
     inverted = _EPOCH_LIMIT_MS - int(time.time() * 1000)
     return f"tpl-{inverted:012x}{secrets.token_hex(4)}"
@@ -117,10 +127,19 @@ class TemplateRecords:
         self.store.put(self._key(record.tenant, record.template_id), record.to_json())
 
     def get(self, tenant: str, template_id: str, *, driven_here: bool = False) -> TemplateRecord | None:
-        try:
-            record = TemplateRecord.from_json(self.store.get(self._key(tenant, template_id)))
-        except ObjectNotFound:
-            return None
+        key = self._key(tenant, template_id)
+        for attempt in range(TORN_READ_RETRIES + 1):
+            try:
+                record = TemplateRecord.from_json(self.store.get(key))
+                break
+            except ObjectNotFound:
+                return None
+            except (ValueError, TypeError) as exc:
+                # Some S3 servers (the JuiceFS gateway we test with) rewrite an object in place, so a read
+                # racing a progress update can see half of it. The next read sees the whole.
+                if attempt == TORN_READ_RETRIES:
+                    raise RecordCorrupt(f"template record {template_id!r} cannot be read: {exc}") from None
+                time.sleep(0.02 * (attempt + 1))
         if record.state == CREATING and not driven_here:
             self._settle(record)
         return record

@@ -47,7 +47,7 @@ def demo(mesh: LocalMesh, out: Path) -> str:
     index = int(np.flatnonzero(labels.numpy() == 3)[0])
     tensor_to_image(images[index]).save(out / "template.png")
     mask = np.zeros((16, 16), dtype=np.uint8)
-    mask[:, 8:] = 255
+    mask[:, :8] = 255  # the left half: where an 8 closes the loops a 3 leaves open
     Image.fromarray(mask).save(out / "mask.png")
     metadata = (("authorization", f"Bearer {mesh.api_key}"),)
     with grpc.insecure_channel(mesh.gateway.address) as channel:

@@ -62,6 +62,15 @@ def _connect(address: str):
     return channel, wpb_grpc.WorkerServiceStub(channel)
 
 
+def _fingerprint(request: pb.EditRequest) -> bytes:
+    """What makes two edits the same edit: every input, but not how often the caller wants progress."""
+    same = pb.EditRequest()
+    same.CopyFrom(request)
+    same.edit.progress_interval_ms = 0
+    same.tenant_max_in_flight = 0
+    return hashlib.sha256(same.SerializeToString(deterministic=True)).digest()
+
+
 def _is_progress(msg) -> bool:
     return msg.WhichOneof("event") == "worker_event" and msg.worker_event.WhichOneof("event") == "progress"
 
@@ -190,7 +199,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         if request.steps <= 0:
             raise invalid("steps", "steps must be the template's step count (> 0)")
         key = (request.tenant, e.request_id)
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        fingerprint = _fingerprint(request)
         flight = self.flights.get(key)
         if flight is not None and flight.fingerprint != fingerprint:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request id {e.request_id!r} was already used for "

@@ -29,6 +29,9 @@ from .runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
+#: images this small are decoded/encoded on the event loop (a thread-pool hop costs more than the work)
+INLINE_CODEC_BYTES = 16 * 1024
+INLINE_CODEC_PIXELS = 64 * 64
 #: how often a queued edit's position is re-read while nothing else happens
 QUEUE_POLL_SECONDS = 0.5
 _ABORT_CODES = {Status.CANCELLED: (grpc.StatusCode.CANCELLED, "CANCELLED"),
@@ -37,13 +40,26 @@ _ABORT_CODES = {Status.CANCELLED: (grpc.StatusCode.CANCELLED, "CANCELLED"),
 
 
 class _Sink:
-    """What the engine loop puts events into (from its threads); delivers them on the asyncio loop."""
+    """What the engine loop puts events into (from its threads); delivers them on the asyncio loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    Step progress is thinned here, on the engine's thread, to one per `progress_interval` seconds (the last
+    step always passes): a skipped step then costs no wake-up of the event loop, whose thread would otherwise
+    compete with the denoising loop for the GIL at every step.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, progress_interval: float = 0.0):
         self._loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.progress_interval = progress_interval
+        self._last_progress = 0.0
 
     def put(self, item) -> None:
+        if (self.progress_interval > 0 and item is not None and not isinstance(item, int)
+                and item.status == Status.RUNNING and item.steps_done > 0):
+            now = time.monotonic()
+            if now - self._last_progress < self.progress_interval:
+                return
+            self._last_progress = now
         self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
@@ -80,7 +96,8 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
         self._check_accepting()
         if not request.request_id:
             raise invalid("request_id", "request_id is required")
-        mask = await self._run(self._decode_mask, request.mask)
+        mask = self._decode_mask(request.mask) if len(request.mask) <= INLINE_CODEC_BYTES else \
+            await self._run(self._decode_mask, request.mask)
         remaining = context.time_remaining()
         loop = self.runtime.loop
         deadline = None if remaining is None else loop.clock() + remaining
@@ -91,7 +108,7 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
             dilate=int(request.dilate), deadline=deadline, request_id=request.request_id,
         )
         cache_tier = "host" if self.runtime.is_resident(request.template_id) else "store"
-        sink = _Sink(asyncio.get_running_loop())
+        sink = _Sink(asyncio.get_running_loop(), request.progress_interval_ms / 1000)
         try:
             handle = loop.submit(edit, events=sink)
         except InstGenIEError:
@@ -107,7 +124,8 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
                 result = await asyncio.wrap_future(handle.future)
             except Exception as exc:  # noqa: BLE001 - the engine's outcome, mapped to its status
                 raise _abort_status(exc) from None
-            png = await self._run(_png, result.image)
+            small = result.image.width * result.image.height <= INLINE_CODEC_PIXELS
+            png = _png(result.image) if small else await self._run(_png, result.image)
             timing = handle.timing
             yield wpb.EditResponse(request_id=request.request_id, result=wpb.EditResult(
                 mime_type="image/png", image=png, steps=result.steps, mask_ratio=result.mask_ratio,
@@ -121,30 +139,38 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
             raise
 
     async def _events(self, handle, sink: _Sink):
-        """Engine events as EditResponses (request_id left empty: the caller fills it), until the end mark."""
+        """Engine events as EditResponses (request_id left empty: the caller fills it), until the end mark.
+
+        While the request waits for a batch slot, a poller puts its queue position into the same queue (only
+        when it changes).
+        """
+        poller = asyncio.get_running_loop().create_task(self._poll_position(handle.request_id, sink))
+        try:
+            while True:
+                ev = await sink.queue.get()
+                if ev is None:
+                    return
+                if isinstance(ev, int):
+                    yield wpb.EditResponse(queued=wpb.EditResponse.Queued(position=ev))
+                    continue
+                if ev.status == Status.RUNNING and ev.steps_done == 0:
+                    poller.cancel()
+                    yield wpb.EditResponse(started=wpb.EditResponse.Started(batch_size=ev.batch_size))
+                elif ev.status in (Status.RUNNING, Status.FINISHED):  # FINISHED: the last step
+                    yield wpb.EditResponse(progress=wpb.EditResponse.Progress(
+                        step=ev.steps_done, total_steps=ev.total_steps, batch_size=ev.batch_size))
+                # cancelled, expired or failed: the future carries the outcome
+        finally:
+            poller.cancel()
+
+    async def _poll_position(self, request_id: str, sink: _Sink) -> None:
         position = 0
         while True:
-            try:
-                ev = await asyncio.wait_for(sink.queue.get(), QUEUE_POLL_SECONDS)
-            except asyncio.TimeoutError:
-                now = self._queue_position(handle.request_id)
-                if now and now != position:
-                    position = now
-                    yield wpb.EditResponse(queued=wpb.EditResponse.Queued(position=now))
-                continue
-            if ev is None:
-                return
-            if ev.status == Status.FINISHED:  # the last step: report it; the future carries the result
-                yield wpb.EditResponse(progress=wpb.EditResponse.Progress(
-                    step=ev.steps_done, total_steps=ev.total_steps, batch_size=ev.batch_size))
-                continue
-            if ev.status != Status.RUNNING:
-                continue  # cancelled, expired or failed: the future carries the outcome
-            if ev.steps_done == 0:
-                yield wpb.EditResponse(started=wpb.EditResponse.Started(batch_size=ev.batch_size))
-            else:
-                yield wpb.EditResponse(progress=wpb.EditResponse.Progress(
-                    step=ev.steps_done, total_steps=ev.total_steps, batch_size=ev.batch_size))
+            await asyncio.sleep(QUEUE_POLL_SECONDS)
+            now = self._queue_position(request_id)
+            if now and now != position:
+                position = now
+                sink.queue.put_nowait(now)
 
     def _queue_position(self, request_id: str) -> int:
         for i, r in enumerate(self.runtime.loop.snapshot().waiting):
