@@ -104,3 +104,43 @@ def test_image_input_forms_agree(tiny_editor):
     t1 = image_to_tensor(arr, 3)
     t2 = image_to_tensor(Image.fromarray(arr), 3)
     assert torch.equal(t1, t2)
+
+
+def test_a_progress_hook_that_raises_cancels_registration_and_commits_nothing(tiny_editor, tmp_path):
+    res = tiny_editor.model.info.resolution
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done == 2:
+            raise Stop("caller went away")
+
+    with pytest.raises(Stop):
+        tiny_editor.register_template(random_image(res, 12), "p", steps=4, template_id="cancelled", progress=progress)
+    assert seen == [(1, 4), (2, 4)]
+    assert not tiny_editor.has_template("cancelled") and tiny_editor.store.list() == []
+    assert list((tmp_path / "store").rglob("*.safetensors")) == []  # no half-written shards left behind
+    done = tiny_editor.register_template(random_image(res, 12), "p", steps=4, template_id="cancelled")
+    assert tiny_editor.store.list() == ["cancelled"] and done.steps == 4
+
+
+def test_an_id_is_never_silently_reused_for_other_inputs(tiny_editor):
+    from instgenie.engine.errors import TemplateExistsError
+
+    res = tiny_editor.model.info.resolution
+    first = tiny_editor.register_template(random_image(res, 13), "p", steps=2, template_id="mine")
+    mask = masks_for(res)["disc"]
+    before = tiny_editor.edit("mine", mask, "q", seed=1)
+    again = tiny_editor.register_template(random_image(res, 13), "p", steps=2, template_id="mine")  # a repair
+    assert again.shards == first.shards  # same inputs, byte-identical cache
+    with pytest.raises(TemplateExistsError, match="delete it first") as err:
+        tiny_editor.register_template(random_image(res, 14), "p", steps=2, template_id="mine")
+    assert err.value.field == "template_id" and err.value.grpc_code == "ALREADY_EXISTS"
+    assert torch.equal(tiny_editor.edit("mine", mask, "q", seed=1).latents, before.latents)
+    tiny_editor.delete_template("mine")  # delete, then the id is free for another image
+    other = tiny_editor.register_template(random_image(res, 14), "p", steps=2, template_id="mine")
+    after = tiny_editor.edit("mine", mask, "q", seed=1)
+    assert other.image_sha256 != first.image_sha256 and not torch.equal(after.latents, before.latents)

@@ -140,3 +140,30 @@ def test_preprocessing_pool_and_registrations_beside_a_busy_loop_match_running_a
             assert (h.result(timeout=120).latents - want.latents).abs().max().item() <= 1e-6
     finally:
         loop.stop()
+
+
+def test_concurrent_vae_encode_and_decode_equal_serial(tiny_model, fast_switching):
+    """The VAE is shared by pre-processing (registration encodes) and post-processing (decodes): stateless."""
+    codec = tiny_model.codec
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand((1, 3, *tiny_model.info.resolution), generator=gen) * 2 - 1 for _ in range(3)]
+    encoded = [codec.encode(x) for x in images]
+    decoded = [codec.decode(z) for z in encoded]
+    wrong = []
+
+    def work(k: int) -> None:
+        for j in range(6):
+            i = (k + j) % 3
+            # within float rounding: concurrent kernels may split their reductions differently
+            if (k + j) % 2:
+                ok = torch.allclose(codec.decode(encoded[i]), decoded[i], rtol=0, atol=1e-6)
+            else:
+                ok = torch.allclose(codec.encode(images[i]), encoded[i], rtol=0, atol=1e-6)
+            wrong.extend([] if ok else [(k, j)])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

@@ -118,3 +118,18 @@ def test_progress_events_per_step():
     while s.has_work():
         seen += [(e.status, e.steps_done) for e in run_step(s)[1]]
     assert seen == [(Status.RUNNING, 0), (Status.RUNNING, 1), (Status.RUNNING, 2), (Status.FINISHED, 3)]
+
+
+def test_step_events_carry_the_size_of_the_batch_that_produced_them():
+    s = StepScheduler(max_batch_size=4, clock=Clock())
+    s.add(entry("a", steps=2))
+    s.add(entry("b", steps=1))
+    plan = s.schedule()
+    admissions = s.drain_events()
+    assert {e.batch_size for e in admissions} == {0}  # no step produced these
+    events = s.update(plan)
+    assert {(e.request_id, e.status, e.batch_size) for e in events} == {("a", Status.RUNNING, 2),
+                                                                        ("b", Status.FINISHED, 2)}
+    s.forget("b")
+    _, events = run_step(s)
+    assert [(e.status, e.batch_size) for e in events] == [(Status.FINISHED, 1)]
