@@ -32,7 +32,7 @@ def add_server_flags(parser: argparse.ArgumentParser, listen: str) -> None:
              help="gRPC message size limit in bytes")
     add_flag(parser, "--reflection", action="store_true", help="serve gRPC reflection (for grpcurl and friends)")
     add_flag(parser, "--grace-seconds", default=10.0, type=float, help="time in-flight calls get at shutdown")
-    add_flag(parser, "--ready-file", help="write {address, pid} here once serving")
+    add_flag(parser, "--ready-file", help="keep {address, pid, serving} here from the moment the port is bound")
     add_flag(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 

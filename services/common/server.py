@@ -4,8 +4,8 @@ Every InstGenIE process (gateway, scheduler, worker) runs through `ServiceHost`,
   * raise gRPC's message limits deliberately (images are megabytes) while validating sizes themselves first;
   * serve grpc.health.v1 for "" and each service name, NOT_SERVING until the process says it is ready;
   * offer reflection only behind a flag;
-  * bind an ephemeral port when asked for port 0 and write a ready file (address, pid) once SERVING, which
-    is how tests and the local mesh learn where a service listens;
+  * bind an ephemeral port when asked for port 0 and keep a ready file (address, pid, serving) up to date,
+    which is how tests and the local mesh learn where a service listens and when it is ready;
   * turn SIGTERM/SIGINT into a graceful shutdown: NOT_SERVING first, then the service's own drain, then stop.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ class ServerConfig:
     reflection: bool = False
     #: seconds in-flight calls get to finish when the server stops
     grace_seconds: float = 10.0
-    #: written once SERVING: {"address": "host:port", "pid": ...}
+    #: written once bound and on every readiness change: {"address": "host:port", "pid": ..., "serving": bool}
     ready_file: str | None = None
 
 
@@ -110,10 +110,11 @@ class ServiceHost:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ["", *self.service_names]:
             await self.health.set(service, status)
-        if serving and self.config.ready_file:
+        if self.config.ready_file:
             path = Path(self.config.ready_file)
             tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid(), "service": self.name}))
+            tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid(), "service": self.name,
+                                       "serving": serving}))
             os.replace(tmp, path)
 
     def install_signal_handlers(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -47,10 +48,35 @@ async def serve(args: argparse.Namespace) -> None:
     host.add_service(pb_grpc.add_EditServiceServicer_to_server, service, SERVICE_NAME)
     host.install_signal_handlers()
     await host.start()
-    await host.set_serving(True)
+    readiness = asyncio.ensure_future(follow_scheduler(host, args.scheduler))
     await host.wait_for_stop()
+    readiness.cancel()
     await host.shutdown()
     await service.close()
+
+
+async def follow_scheduler(host: ServiceHost, scheduler: str, interval: float = 1.0) -> None:
+    """Real readiness: SERVING while the scheduler answers its health check, NOT_SERVING otherwise (a gateway
+    that cannot place work should not get traffic from a load balancer)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving = None
+    async with grpc.aio.insecure_channel(scheduler) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                resp = await health.Check(health_pb2.HealthCheckRequest(), timeout=interval)
+                ok = resp.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                ok = False
+            if ok != serving:
+                serving = ok
+                await host.set_serving(ok)
+                logging.getLogger(__name__).log(logging.INFO if ok else logging.WARNING,
+                                                "scheduler %s %s", scheduler, "reachable: serving" if ok else
+                                                "unreachable: not serving")
+            await asyncio.sleep(interval)
 
 
 def main(argv=None) -> int:

@@ -116,7 +116,7 @@ class LocalMesh:
                 if not p.alive():
                     raise MeshError(f"{p.name} exited with code {p.popen.returncode} while starting:\n{p.log_tail()}")
                 info = read_ready_file(p.ready_file)
-                if info:
+                if info and info.get("serving"):
                     p.address = info["address"]
                     pending.remove(p)
             if time.monotonic() > end:

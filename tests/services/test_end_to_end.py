@@ -3,6 +3,7 @@ tenants, idempotency, and the mesh's edit equal to the same edit in one process.
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -226,3 +227,26 @@ def test_delete_then_template_is_gone(gw):
 def test_list_models(gw):
     models = gw.ListModels(pb.ListModelsRequest(), metadata=auth(), timeout=10).models
     assert [(m.name, m.width, m.height, m.workers, m.guidance) for m in models] == [("digits-16px", 16, 16, 2, "cfg")]
+
+
+def test_deadline_propagates_and_the_worker_drops_the_edit(gw, slow_template, mesh):
+    """A 0.8 s deadline on a 200-step edit: the client gets DEADLINE_EXCEEDED and the worker stops stepping it
+    (its step counter stays far below 200 more steps), i.e. the deadline reached the step loop."""
+    from .mesh_helpers import wait_for
+
+    def steps_run():
+        return sum(w.load.steps_run for w in scheduler_status(mesh).workers)
+
+    def idle():
+        status = scheduler_status(mesh)
+        return status.in_flight == 0 and all(not w.load.running and not w.load.waiting for w in status.workers)
+
+    assert wait_for(idle, timeout=30)
+    before = steps_run()
+    with pytest.raises(grpc.RpcError) as err:
+        gw.Edit(pb.EditRequest(template_id=slow_template, mask=png(half_mask()), prompt="3", seed=8),
+                metadata=auth(), timeout=0.8)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(idle, timeout=10)
+    time.sleep(1.0)  # what a worker that ignored the deadline would have stepped on in the meantime
+    assert steps_run() - before < 200
