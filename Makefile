@@ -30,8 +30,10 @@ proto: $(STAMP)
 	$(BIN)/python -m instgenie.services.common.protogen
 	touch $(PROTO_STAMP)
 
-## run: the system on its embedded default (CPU, tiny model). Until the services land this is the engine demo.
-run: demo
+## run: the whole mesh on loopback (local S3 server, scheduler, two CPU workers, gateway on 127.0.0.1:50051),
+## a demo template and one edit through the CLI, then serving until Ctrl-C (every process is stopped then)
+run: install
+	$(BIN)/instgenie up
 
 ## demo: register templates, edit them, write images to out/
 demo: install
