@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install proto run demo test test-fast tiny-model bench quality bench-pipeline bench-serving clean
+.PHONY: install proto run demo test test-fast tiny-model bench quality bench-pipeline bench-serving bench-mesh clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-pipeline: install
 ## bench-serving: Poisson replays, diffusers static batching vs ours and ablations (the longest benchmark)
 bench-serving: install
 	$(BIN)/python -m loadtest.serving_bench --json out/serving.json --md out/serving.md --plots out/
+
+## bench-mesh: what the services add per edit (in-process vs through the mesh) and the mesh's requests/s ceiling
+bench-mesh: install
+	$(BIN)/python -m loadtest.mesh_bench --json out/mesh_bench.json --md out/mesh_bench.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
