@@ -79,7 +79,7 @@ class DigitsTextEncoder:
                 out.append(int(text))
             else:
                 raise InvalidPromptError(
-                    f"the digits model takes a single digit 0-9 as prompt (or '' for none), got {p!r}")
+                    f"the digits model takes a single digit 0-9 as prompt (or '' for none), got {p!r}", field="prompt")
         return torch.tensor(out, dtype=torch.long, device=self.embedder.device)
 
     @torch.no_grad()
@@ -105,7 +105,8 @@ class PixelCodec:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise InvalidImageError(
-                f"the digits model takes (B, 1, H, W) grayscale or (B, 3, H, W) RGB images, got {tuple(images.shape)}")
+                f"the digits model takes (B, 1, H, W) grayscale or (B, 3, H, W) RGB images, got {tuple(images.shape)}",
+                field="image")
         if images.shape[1] == 3:
             weights = torch.tensor(self._LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
             return (images * weights).sum(dim=1, keepdim=True)

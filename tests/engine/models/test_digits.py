@@ -54,7 +54,7 @@ def test_prompt_that_is_not_one_digit_is_rejected_with_the_rule(prompt):
     with pytest.raises(InvalidPromptError, match="single digit 0-9") as err:
         DigitsTextEncoder(LabelEmbedder()).encode(["1", prompt])
     assert repr(prompt) in str(err.value)
-    assert err.value.grpc_code == "INVALID_ARGUMENT"
+    assert err.value.grpc_code == "INVALID_ARGUMENT" and err.value.field == "prompt"
 
 
 def test_pixel_codec_is_identity_on_grayscale_and_luminance_on_rgb():
