@@ -68,7 +68,8 @@ class Event:
     steps_done: int
     total_steps: int
     error: str | None = None
-    #: requests in the step that produced this event (0 for events no step produced: admission, cancel, expiry)
+    #: requests in the step that produced this event; for an admission (steps_done 0) the batch it joins;
+    #: 0 for events no step produced (cancel or expiry between steps)
     batch_size: int = 0
 
 
@@ -156,6 +157,7 @@ class StepScheduler:
         tokens = sum(e.tokens for e in self.running.values())
         now = self.clock()
         kept: deque[Entry] = deque()
+        admitted: list[tuple[Event, Hashable]] = []
         while self.waiting:
             e = self.waiting.popleft()
             room = len(self.running) < self.max_batch_size
@@ -165,13 +167,16 @@ class StepScheduler:
                 self.running[e.request_id] = e
                 tokens += e.tokens
                 self.stats.admitted += 1
-                self._pending_events.append(Event(e.request_id, Status.RUNNING, 0, e.total_steps))
+                admitted.append((Event(e.request_id, Status.RUNNING, 0, e.total_steps), e.key))
             else:
                 kept.append(e)
                 if not room:
                     break  # FCFS: nobody overtakes a request that did not fit for lack of slots
         kept.extend(self.waiting)
         self.waiting = kept
+        for ev, key in admitted:  # the batch an admitted request joins: its key group, as it stands now
+            ev.batch_size = sum(1 for r in self.running.values() if r.key == key)
+            self._pending_events.append(ev)
 
     def _drop_cancelled_and_expired(self) -> None:
         now = self.clock()

@@ -237,8 +237,9 @@ def test_running_events_carry_their_batch_size(tiny_editor, template):
         events = []
         while (ev := sink.get(timeout=WAIT)) is not None:
             events.append(ev)
+        assert all(ev.batch_size in (1, 2) for ev in events)
         stepped = [ev for ev in events if ev.steps_done > 0]
-        assert stepped and all(ev.batch_size in (1, 2) for ev in stepped)
+        assert events[0].steps_done == 0 and stepped
         assert stepped[-1].status == Status.FINISHED
     finally:
         loop.stop()
