@@ -244,7 +244,8 @@ class Editor:
                 f"template {manifest.template_id!r} was registered with {manifest.steps} steps; edits must use "
                 f"{manifest.steps} (got {request.steps})", field="steps"
             )
-        pixels = load_mask(request.mask, manifest.resolution, allow_empty=request.allow_empty_mask)
+        pixels = load_mask(request.mask, manifest.resolution, allow_empty=request.allow_empty_mask,
+                           limits=self.image_limits)
         tmask = tokens_from_mask(pixels, self.model.codec.scale_factor, self.model.codec.latent_channels,
                                  request.dilate)
         tmask.blend = tmask.blend.to(self.model.device, self.model.dtype)

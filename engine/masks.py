@@ -9,20 +9,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import InvalidMaskError
-from .images import decode_image, mask_from_array, mask_from_image
+from .images import DEFAULT_LIMITS, ImageLimits, decode_image, mask_from_array, mask_from_image
 from .latents import pack
 
 
-def load_mask(mask, size: tuple[int, int], allow_empty: bool = False, *, field: str = "mask") -> torch.Tensor:
+def load_mask(mask, size: tuple[int, int], allow_empty: bool = False, *, field: str = "mask",
+              limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Any mask form -> (H, W) bool, validated against `size` with the rules of `images.py` (white = edit).
 
     Accepted: a PIL image, encoded image bytes, a numpy array, a torch tensor (converted to numpy, so tensors
     follow the array rules). Anything else, or a value outside its dtype's range, is InvalidMaskError.
     """
     if isinstance(mask, (bytes, bytearray, memoryview)):
-        mask = decode_image(mask, field=field)
+        mask = decode_image(mask, limits, field=field)
     if isinstance(mask, Image.Image):
-        out = mask_from_image(mask, size, allow_empty=allow_empty, field=field)
+        out = mask_from_image(mask, size, allow_empty=allow_empty, limits=limits, field=field)
     elif isinstance(mask, (np.ndarray, torch.Tensor)):
         if isinstance(mask, torch.Tensor):
             if mask.is_complex():

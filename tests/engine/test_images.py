@@ -243,3 +243,21 @@ def test_template_images_are_read_strictly():
         with pytest.raises(InvalidImageError) as err:
             image_to_array(value, 3)
         assert err.value.field == "image", name
+
+
+def test_the_editors_limits_apply_to_its_images_and_masks(tiny_model, tmp_path):
+    from instgenie.engine.editor import Editor
+    from instgenie.engine.request import EditRequest
+    from instgenie.engine.template_cache import DirectoryBlobStore, TemplateStore
+
+    res = tiny_model.info.resolution
+    store = TemplateStore(DirectoryBlobStore(tmp_path / "store"))
+    tpl = Editor(tiny_model, store).register_template(random_image(res, 1), "p", steps=1).template_id
+    strict = Editor(tiny_model, store, image_limits=ImageLimits(max_pixels=res[0] * res[1] - 1))
+    with pytest.raises(ImageTooLargeError, match="at most 16383"):
+        strict.register_template(png_bytes(Image.fromarray(random_image(res, 2))), "p", steps=1)
+    mask = np.zeros(res, np.uint8)
+    mask[:16, :16] = 255
+    with pytest.raises(ImageTooLargeError) as err:
+        strict.start(EditRequest(tpl, png_bytes(Image.fromarray(mask)), "p"))
+    assert err.value.field == "mask"
