@@ -339,6 +339,7 @@ class EngineLoop:
             with self._lock:
                 if handle.cancel_requested or handle.future.done():
                     continue  # cancelled during pre-processing: already resolved, its state is dropped here
+                handle.phase = Phase.SCHEDULED  # from here on a cancel goes through the scheduler
             try:
                 self.scheduler.add(Entry(
                     request_id=rid, key=batch_key(state), tokens=int(state.mask.index.numel()) * state.branches,
@@ -348,8 +349,6 @@ class EngineLoop:
             except ValueError as exc:  # e.g. more tokens than a step may hold: this request can never run
                 self._resolve(handle, exc=InvalidInputError(str(exc), field="mask"))
                 continue
-            with self._lock:
-                handle.phase = Phase.SCHEDULED
             self._scheduled[rid] = (handle, state)
 
     def _dispatch(self, events: list[Event]) -> None:
