@@ -6,8 +6,10 @@ reads the developer's cluster settings and never talks to a cluster.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -51,6 +53,7 @@ def helm_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def _helm_env() -> dict[str, str]:
     home = Path(tempfile.mkdtemp(prefix="helm-test-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     kubeconfig = home / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HELM_", "KUBE"))}
