@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="workers and admission (asks the scheduler)")
     status.add_argument("--json", action="store_true", help="JSON instead of a table")
     status.set_defaults(handler=_cmd_status)
+
+    from instgenie.cli_profile import add_parser as add_profile_parser
+
+    add_profile_parser(commands)
     return parser
 
 

@@ -1,18 +1,23 @@
-"""How long a worker takes: a denoising step of a batch, and bringing a template's cache into host memory.
+"""How long a worker takes: a denoising step of a batch, and bringing a template's cache closer to its device.
 
-compute(step) = a * FLOPs(batch) + b            FLOPs from engine/flops.py over every sequence of the batch
-transfer      = bytes / bandwidth + latency     object store -> worker host memory
+compute(step)  = a * FLOPs(batch) + c * n + b     FLOPs from engine/flops.py over every sequence of the batch,
+                                                  n requests in it
+store -> host  = bytes / bandwidth + objects * c  a template's cache is one object per step
+host -> device = bytes / bandwidth + c            per step, the batch's step shards; overlapped with compute
+                                                  by the bubble-free pipeline, so a step takes max(both)
 
-`AnalyticalCostModel` takes a and b from a configured throughput and per-step overhead; `instgenie profile`
-(a later issue) fits them on the device and plugs in through the same interface. Workers describe their model
-with the fields of worker.v1.ModelInfo, which is all the model needs.
+`FittedCostModel` takes its constants from a device profile (`instgenie profile`, see profile.py);
+`AnalyticalCostModel` from configured throughput, per-step overhead and store bandwidth (no profile).
+Workers describe their model with the fields of worker.v1.ModelInfo, which is all the FLOP count needs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from functools import lru_cache
 
 from instgenie.engine.flops import FluxShape, step_flops
+
+from .profile import Profile
 
 
 @dataclass(frozen=True)
@@ -39,18 +44,51 @@ class ModelShape:
         return FluxShape(self.dual_blocks, self.single_blocks, self.hidden, self.in_channels, self.out_channels)
 
 
-class CostModel(Protocol):
-    def step_seconds(self, shape: ModelShape, masked_tokens: list[int]) -> float:
-        """One denoising step of a batch whose requests compute these masked tokens (per guidance branch)."""
-        ...
+@lru_cache(maxsize=65536)
+def request_flops(shape: ModelShape, tokens: int, mode: str = "kv") -> float:
+    """FLOPs of one request's denoising step computing `tokens` masked tokens, every guidance branch included."""
+    mode = mode if mode in ("kv", "y") else "kv"
+    computed = max(1, min(int(tokens), shape.image_tokens or int(tokens)))
+    return step_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed=computed, mode=mode) * shape.branches
 
-    def transfer_seconds(self, cache_bytes: int) -> float:
-        """Object store -> host memory for a whole template cache."""
-        ...
+
+class CostModel:
+    """Seconds of a step from the batch's FLOPs; seconds of cache transfers from their bytes."""
+
+    name = "abstract"
+    #: per request, outside the denoising loop: pre-processing before it can join a batch, decode after
+    pre_seconds = 0.0
+    post_seconds = 0.0
+
+    def step_time(self, flops: float, requests: int = 1, device_bytes: int = 0) -> float:
+        """One denoising step of a batch of `requests` requests, `flops` FLOPs, step shards of `device_bytes`."""
+        raise NotImplementedError
+
+    def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
+        """Object store -> host memory for `cache_bytes` in `objects` objects."""
+        raise NotImplementedError
+
+    @property
+    def streams_to_device(self) -> bool:
+        """True when step shards move host -> device every step (a GPU worker); False when read in place."""
+        return False
+
+    @property
+    def linear(self) -> tuple[float, float, float] | None:
+        """(a, b, c) when a step is exactly a * flops + c * requests + b whatever its bytes (the fast path of
+        predict_finish); None otherwise."""
+        return None
+
+    def request_flops(self, shape: ModelShape, tokens: int, mode: str = "kv") -> float:
+        return request_flops(shape, tokens, mode)
+
+    def step_seconds(self, shape: ModelShape, masked_tokens: list[int], mode: str = "kv") -> float:
+        """One denoising step of a batch whose requests compute these masked tokens (per guidance branch)."""
+        return self.step_time(sum(self.request_flops(shape, t, mode) for t in masked_tokens), len(masked_tokens))
 
 
 @dataclass
-class AnalyticalCostModel:
+class AnalyticalCostModel(CostModel):
     #: effective FLOP/s of a worker's transformer (a in the fit is 1 / this)
     flops_per_second: float = 2.0e11
     #: fixed cost of a step: launches, scheduling, per-request bookkeeping
@@ -59,24 +97,46 @@ class AnalyticalCostModel:
     store_bandwidth_bytes_per_second: float = 500e6
     store_latency_seconds: float = 0.02
 
-    def __post_init__(self):
-        self._flops_memo: dict[tuple, float] = {}
+    name = "analytical"
 
-    def _flops(self, shape: ModelShape, tokens: int) -> float:
-        key = (shape, tokens)
-        value = self._flops_memo.get(key)
-        if value is None:
-            value = step_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed=tokens, mode="kv")
-            if len(self._flops_memo) > 65536:
-                self._flops_memo.clear()
-            self._flops_memo[key] = value
-        return value
-
-    def step_seconds(self, shape: ModelShape, masked_tokens: list[int]) -> float:
-        flops = sum(self._flops(shape, max(1, t)) for t in masked_tokens) * shape.branches
+    def step_time(self, flops: float, requests: int = 1, device_bytes: int = 0) -> float:
         return flops / self.flops_per_second + self.step_overhead_seconds
 
-    def transfer_seconds(self, cache_bytes: int) -> float:
+    @property
+    def linear(self) -> tuple[float, float, float]:
+        return 1.0 / self.flops_per_second, self.step_overhead_seconds, 0.0
+
+    def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
         if cache_bytes <= 0:
             return 0.0
+        # One latency per template as before: the analytical model has no per-object figure.
         return cache_bytes / self.store_bandwidth_bytes_per_second + self.store_latency_seconds
+
+
+class FittedCostModel(CostModel):
+    """The constants of a device profile; `speed` scales compute (a device slower than profiled: > 1)."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.name = profile.profile_id
+        self.a, self.b, self.c = profile.compute_a, profile.compute_b, profile.compute_c
+        self.store = profile.store_to_host
+        self.device = profile.host_to_device
+        self.pre_seconds, self.post_seconds = profile.pre_seconds, profile.post_seconds
+
+    def step_time(self, flops: float, requests: int = 1, device_bytes: int = 0) -> float:
+        compute = self.a * flops + self.c * requests + self.b
+        if self.device is None or device_bytes <= 0:
+            return compute
+        return max(compute, self.device.seconds(device_bytes))
+
+    @property
+    def streams_to_device(self) -> bool:
+        return self.device is not None
+
+    @property
+    def linear(self) -> tuple[float, float, float] | None:
+        return None if self.device is not None else (self.a, self.b, self.c)
+
+    def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
+        return self.store.seconds(cache_bytes, objects)
