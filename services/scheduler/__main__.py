@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from instgenie.scheduler.v1 import scheduler_service_pb2 as pb
@@ -13,6 +14,7 @@ from ..common.logs import setup_logging
 from ..common.server import ServiceHost
 from .costmodel import AnalyticalCostModel
 from .placement import POLICIES, make_policy
+from .profile import load_profiles
 from .service import SchedulerConfig, SchedulerService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
@@ -31,6 +33,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(ap, "--step-overhead", default=0.005, type=float, help="analytical cost model: seconds per step")
     add_flag(ap, "--store-bandwidth", default=500e6, type=float,
              help="analytical cost model: object store -> host bytes/s")
+    add_flag(ap, "--profile", default="",
+             help="device profiles from `instgenie profile` (files or directories of *.json, comma-separated); "
+                  "a worker is predicted with the one it announces, else one of its model and device kind, "
+                  "else the analytical model")
+    add_flag(ap, "--affinity-slack", default=0.25, type=float,
+             help="predicted-finish: a worker holding the template wins when its prediction is within this "
+                  "share of the best")
+    add_flag(ap, "--correction", default="on", choices=["on", "off"],
+             help="scale each worker's predicted step times by its measured speed")
+    add_flag(ap, "--warm-templates", default="on", choices=["on", "off"],
+             help="ask workers to warm hot templates that too few of them hold")
     return ap.parse_args(argv)
 
 
@@ -38,8 +51,14 @@ async def serve(args: argparse.Namespace) -> None:
     cost = AnalyticalCostModel(flops_per_second=args.flops_per_second, step_overhead_seconds=args.step_overhead,
                                store_bandwidth_bytes_per_second=args.store_bandwidth)
     config = SchedulerConfig(report_interval=args.report_interval, lease=args.lease,
-                             max_in_flight=args.max_in_flight, capacity_per_slot=args.capacity_per_slot)
-    service = SchedulerService(config, make_policy(args.policy, cost))
+                             max_in_flight=args.max_in_flight, capacity_per_slot=args.capacity_per_slot,
+                             affinity_slack=args.affinity_slack, correction=args.correction == "on",
+                             warm_templates=args.warm_templates == "on")
+    profiles = load_profiles(args.profile) if args.profile else []
+    for p in profiles:
+        logging.getLogger(__name__).info("cost-model profile %s loaded (compute R² %.4f)", p.profile_id,
+                                         p.compute_r2)
+    service = SchedulerService(config, make_policy(args.policy, cost, args.affinity_slack), profiles=profiles)
     host = ServiceHost("scheduler", server_config(args))
     host.add_service(pb_grpc.add_SchedulerServiceServicer_to_server, service, SERVICE_NAME)
     host.install_signal_handlers()

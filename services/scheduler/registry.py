@@ -7,7 +7,14 @@ adds and retires members through the same calls.
 
 Load for placement comes from two sources: the requests the scheduler placed there and still tracks (exact
 and current: the scheduler forwards every step event), and the worker's last report (resident templates,
-draining, work the scheduler did not place, e.g. after a scheduler restart).
+draining, work the scheduler did not place, e.g. after a scheduler restart). A worker whose last report is
+older than the lease is never placed on, even before the expiry sweep retires it.
+
+Each worker is predicted with its own cost model: the profile it announces (`WorkerInfo.profile`), else a
+loaded profile of its model and device kind, else the policy's default; and with its own accuracy record
+(predictions.py), whose speed correction scales its step times. Views are cached per worker and rebuilt
+only when something placement reads has changed (a report, a tracked request placed, started, stepped or
+answered).
 """
 from __future__ import annotations
 
@@ -16,8 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .costmodel import ModelShape
+from .costmodel import CostModel, FittedCostModel, ModelShape
 from .placement import Work, WorkerView
+from .predictions import WorkerAccuracy
+from .profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,23 @@ class Tracked:
     total_steps: int
     steps_done: int = 0
     started: bool = False
+    #: FLOPs of one of its steps, every branch (0: counted from tokens by the cost model)
+    flops: float = 0.0
+    mode: str = "kv"
+    placed_at: float = 0.0
+    #: bytes of its template's cache (the transfer it may need)
+    cache_bytes: int = 0
+    #: what the gateway was told (seconds from placement to the answer); 0: no prediction
+    predicted: float = 0.0
+    #: where its template was on this worker when placed: "host", "loading" or "store"
+    tier: str = ""
+    started_at: float | None = None
+    last_step_at: float = 0.0
+    #: the cost model's seconds (speed 1) for the steps it ran, in the batches the scheduler saw it in
+    profiled_compute: float = 0.0
+    #: its worker was loading a template while it ran: a step may have waited for a shard, so its timing
+    #: says nothing about the device
+    overlapped_load: bool = False
 
 
 @dataclass
@@ -44,6 +70,16 @@ class WorkerRecord:
     channel: object = None
     stub: object = None
     tracked: dict[str, Tracked] = field(default_factory=dict)
+    #: this worker's cost model (None: the policy's) and how it was chosen
+    cost: CostModel | None = None
+    cost_source: str = "policy default"
+    accuracy: WorkerAccuracy = field(default_factory=WorkerAccuracy)
+    #: bumped whenever something a view reads changes
+    version: int = 0
+    _view: tuple | None = None
+
+    def touch(self) -> None:
+        self.version += 1
 
     @property
     def worker_id(self) -> str:
@@ -63,13 +99,35 @@ class Registry:
 
     def __init__(self, *, lease: float = 6.0, capacity_per_slot: int = 4,
                  connect: Callable[[str], tuple[object, object]] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, profiles: list[Profile] = (),
+                 correction: bool = True):
         self.lease = lease
         #: a worker holds at most max_batch_size * capacity_per_slot requests (running + waiting)
         self.capacity_per_slot = capacity_per_slot
         self.connect = connect  # address -> (channel, stub); None in pure tests
         self.clock = clock
         self.workers: dict[str, WorkerRecord] = {}
+        self.profiles = {p.profile_id: FittedCostModel(p) for p in profiles}
+        #: scale each worker's step times by its measured speed (predictions.py)
+        self.correction = correction
+        #: for workers without a profile of their own (the placement policy's)
+        self.default_cost: CostModel | None = None
+
+    # ----------------------------------------------------------------------------------- cost models
+    def cost_for(self, info) -> tuple[CostModel | None, str]:
+        """The cost model of a worker: the profile it announces, else one of its model and device kind."""
+        announced = info.profile
+        if announced and announced in self.profiles:
+            return self.profiles[announced], f"profile {announced} (announced)"
+        device = info.device.split(":")[0] if info.device else ""
+        same = [c for c in self.profiles.values() if c.profile.model_id == info.model.model_id
+                and (not device or c.profile.device_kind.split(":")[0] == device)]
+        if announced:
+            log.warning("worker %s announces profile %s, which this scheduler was not given (%s)", info.worker_id,
+                        announced, f"using {same[0].name}" if same else "using the default cost model")
+        if same:
+            return same[0], f"profile {same[0].name} (model and device kind)"
+        return None, "policy default"
 
     # ------------------------------------------------------------------------------------ membership
     def register(self, info, load) -> tuple[WorkerRecord, list[object]]:
@@ -85,8 +143,12 @@ class Registry:
                 stale.append(old.channel)
             channel, stub = self.connect(info.address) if self.connect else (None, None)
             tracked = old.tracked if old is not None else {}
+        cost, source = self.cost_for(info)
         record = WorkerRecord(info=info, load=load, shape=ModelShape.from_proto(info.model), last_report=now,
-                              registered_at=now, channel=channel, stub=stub, tracked=tracked)
+                              registered_at=now, channel=channel, stub=stub, tracked=tracked, cost=cost,
+                              cost_source=source)
+        if old is not None and old.cost is cost:
+            record.accuracy = old.accuracy  # the same device and profile: what was learnt still holds
         self.workers[info.worker_id] = record
         log.info("worker %s registered at %s serving %s", info.worker_id, info.address, info.model.model_id)
         return record, stale
@@ -97,6 +159,7 @@ class Registry:
             raise KeyError(worker_id)
         record.load = load
         record.last_report = self.clock()
+        record.touch()
         return record
 
     def retire(self, worker_id: str, reason: str) -> WorkerRecord | None:
@@ -117,25 +180,93 @@ class Registry:
         return self.workers.get(worker_id)
 
     def live(self, model_id: str | None = None) -> list[WorkerRecord]:
+        """Workers that may be placed on: reporting within the lease, not draining, serving `model_id`."""
+        now = self.clock()
         return [w for w in self.workers.values()
-                if not w.draining and (model_id is None or w.model_id == model_id)]
+                if not w.draining and now - w.last_report <= self.lease
+                and (model_id is None or w.model_id == model_id)]
 
     # -------------------------------------------------------------------------------- tracked work
     def track(self, worker_id: str, item: Tracked) -> None:
         record = self.workers.get(worker_id)
         if record is not None:
             record.tracked[item.request_id] = item
+            record.touch()
 
     def untrack(self, worker_id: str, request_id: str) -> None:
         record = self.workers.get(worker_id)
         if record is not None:
             record.tracked.pop(request_id, None)
+            record.touch()
+
+    def started(self, record: WorkerRecord, item: Tracked, now: float) -> None:
+        """The worker admitted `item` to its running batch."""
+        if not item.started or item.started_at is None:
+            item.started, item.started_at, item.last_step_at = True, now, now
+            record.touch()
+
+    def stepped(self, record: WorkerRecord, item: Tracked, step: int, now: float) -> None:
+        """`item` has run `step` steps (progress events may skip some). Accounts the profile's seconds for the
+        steps since the last event, in the batch running now; at the last step, compares them with the
+        measured denoising time and updates the worker's speed correction."""
+        if item.started_at is None:
+            self.started(record, item, now)
+        advanced = step - item.steps_done
+        if advanced > 0:
+            cost = record.cost or self.default_cost
+            if cost is not None:
+                flops, n = self._running_flops(record, cost)
+                item.profiled_compute += advanced * cost.step_time(flops, max(1, n))
+            if record.load.loading_templates:
+                item.overlapped_load = True
+            item.steps_done, item.last_step_at = step, now
+            record.touch()
+            if step >= item.total_steps and not item.overlapped_load and self.correction:
+                record.accuracy.record_compute(item.profiled_compute, now - item.started_at)
+
+    def answered(self, record: WorkerRecord, item: Tracked, now: float) -> None:
+        """The result of `item` passed through: record the finish error of its placement-time prediction."""
+        record.accuracy.record_finish(item.predicted, now - item.placed_at)
+
+    def _link_backlog(self, record: WorkerRecord, resident: frozenset, loading: frozenset) -> float:
+        """Seconds of object-store transfer the worker still has queued: every template it is loading (per its
+        report, or placed here cold since), half of it left on average. The worker's host tier loads templates
+        one after another, so a new cold template waits behind these."""
+        cost = record.cost or self.default_cost
+        if cost is None:
+            return 0.0
+        sizes: dict[str, tuple[int, int]] = {}
+        for t in record.tracked.values():
+            if t.tier in ("store", "loading") and t.template_id not in resident and t.cache_bytes > 0:
+                sizes[t.template_id] = (t.cache_bytes, t.total_steps)
+        typical = max(sizes.values(), default=(0, 1))
+        for tid in loading:
+            sizes.setdefault(tid, typical)
+        return sum(cost.transfer_seconds(b, steps) for b, steps in sizes.values() if b > 0) / 2
+
+    @staticmethod
+    def _running_flops(record: WorkerRecord, cost: CostModel) -> tuple[float, int]:
+        flops, n = 0.0, 0
+        for t in record.tracked.values():
+            if t.started:
+                flops += t.flops or cost.request_flops(record.shape, t.tokens, t.mode)
+                n += 1
+        branches = max(1, record.shape.branches)
+        for r in record.load.running:
+            if r.request_id not in record.tracked:
+                flops += cost.request_flops(record.shape, int(r.tokens) // branches)
+                n += 1
+        return flops, n
 
     # ------------------------------------------------------------------------------------ placement
     def view(self, record: WorkerRecord) -> WorkerView:
+        speed = record.accuracy.speed if self.correction else 1.0
+        cached = record._view
+        if cached is not None and cached[0] == record.version and cached[1].speed == speed:
+            return cached[1]
         running, waiting = [], []
         for t in record.tracked.values():
-            work = Work(t.tokens, max(0, t.total_steps - t.steps_done))
+            work = Work(t.tokens, max(0, t.total_steps - t.steps_done), t.flops, t.mode)
             (running if t.started else waiting).append(work)
         # Work the worker reports but this scheduler did not place (e.g. placed before a restart).
         branches = max(1, record.shape.branches)
@@ -146,11 +277,15 @@ class Registry:
             if r.request_id not in record.tracked:
                 waiting.append(Work(int(r.tokens) // branches, max(0, r.total_steps - r.steps_done)))
         max_batch = max(1, record.info.max_batch_size)
-        return WorkerView(
+        resident = frozenset(record.load.resident_templates)
+        loading = frozenset(record.load.loading_templates)
+        view = WorkerView(
             worker_id=record.worker_id, shape=record.shape, max_batch_size=max_batch, running=running,
-            waiting=waiting, resident=frozenset(record.load.resident_templates),
-            loading=frozenset(record.load.loading_templates), capacity=max_batch * self.capacity_per_slot,
+            waiting=waiting, resident=resident, loading=loading, capacity=max_batch * self.capacity_per_slot,
+            cost=record.cost, speed=speed, link_backlog=self._link_backlog(record, resident, loading),
         )
+        record._view = (record.version, view)
+        return view
 
     def views(self, model_id: str, exclude: set[str] = frozenset()) -> list[WorkerView]:
         return [self.view(w) for w in self.live(model_id) if w.worker_id not in exclude]

@@ -5,6 +5,10 @@ template's cache while the request waits) and their worker's event stream is for
 worker dies or refuses (draining) before answering, the request is placed again on another worker, as long as
 its deadline allows; otherwise the caller gets UNAVAILABLE with what happened. Every wait is bounded by the
 caller's deadline, and a caller that goes away cancels the work on the worker.
+
+Every placed edit's prediction is checked against when its result passes through, per worker, and its step
+events feed the worker's speed correction (registry.py, predictions.py). Template heat is observed on every
+edit, and a background round asks workers to warm hot templates that too few of them hold (templates.py).
 """
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ from instgenie.worker.v1 import worker_service_pb2_grpc as wpb_grpc
 from ..common.logs import request_id_var
 from ..common.server import channel_options
 from ..common.status import ServiceError, abort, invalid, is_transport_failure, rpc, status_of
+from .costmodel import AnalyticalCostModel
 from .flights import Flight, FlightTable
-from .placement import PlacementPolicy, PlacementRequest, PredictedFinish
+from .placement import POLICIES, PlacementPolicy, PlacementRequest, PredictedFinish, make_policy, predict_finish
+from .predictions import summarise
 from .registry import Registry, Tracked
+from .templates import TemplateHeat, WarmPlanner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,12 @@ class SchedulerConfig:
     default_deadline: float = 600.0
     #: finished edits kept to answer retries with the same request id
     result_ttl: float = 600.0
+    #: ask workers to warm hot templates that too few of them hold
+    warm_templates: bool = True
+    #: scale each worker's predicted step times by its measured speed
+    correction: bool = True
+    #: predicted-finish: a worker holding the template wins when within this share of the best prediction
+    affinity_slack: float = 0.25
 
 
 @dataclass
@@ -55,6 +68,11 @@ class Counters:
     placed: int = 0
     replaced: int = 0
     rejected: int = 0
+    #: first placements of edits by where the template was on the chosen worker
+    resident: int = 0
+    loading: int = 0
+    cold: int = 0
+    warmed: int = 0
 
 
 def _connect(address: str):
@@ -76,22 +94,35 @@ def _is_progress(msg) -> bool:
 
 
 class SchedulerService(pb_grpc.SchedulerServiceServicer):
-    def __init__(self, config: SchedulerConfig, policy: PlacementPolicy | None = None, connect=_connect):
+    def __init__(self, config: SchedulerConfig, policy: PlacementPolicy | None = None, connect=_connect,
+                 profiles=()):
         self.config = config
-        self.policy = policy or PredictedFinish()
-        self.registry = Registry(lease=config.lease, capacity_per_slot=config.capacity_per_slot, connect=connect)
+        self.policy = policy or PredictedFinish(affinity_slack=config.affinity_slack)
+        #: predicts workers without a profile of their own, whatever the policy
+        self.default_cost = getattr(self.policy, "cost", None) or AnalyticalCostModel()
+        self.registry = Registry(lease=config.lease, capacity_per_slot=config.capacity_per_slot, connect=connect,
+                                 profiles=list(profiles), correction=config.correction)
+        self.registry.default_cost = self.default_cost
         self.flights = FlightTable(ttl=config.result_ttl)
         self.registrations: set[asyncio.Task] = set()
         self.counters = Counters()
+        self.heat = TemplateHeat()
+        self.planner = WarmPlanner()
         self._expiry: asyncio.Task | None = None
+        self._warming: asyncio.Task | None = None
+        self._warm_calls: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.create_task(self._expire_loop())
+        if self.config.warm_templates:
+            self._warming = loop.create_task(self._warm_loop())
 
     async def close(self) -> None:
-        if self._expiry:
-            self._expiry.cancel()
+        for task in (self._expiry, self._warming, *self._warm_calls):
+            if task:
+                task.cancel()
         for flight in self.flights.running():
             flight.task and flight.task.cancel()
         for record in list(self.registry.workers.values()):
@@ -160,17 +191,18 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
     def _retry_hint(self) -> float:
         """Seconds until some worker is likely to free a slot: its shortest running request's remaining steps."""
         best = None
-        cost = getattr(self.policy, "cost", None)
         for record in self.registry.live():
             view = self.registry.view(record)
-            if not view.running or cost is None:
+            if not view.running:
                 continue
-            step = cost.step_seconds(view.shape, [w.tokens for w in view.running])
+            step = (view.cost or self.default_cost).step_seconds(view.shape, [w.tokens for w in view.running])
             eta = min(w.steps_left for w in view.running) * step
             best = eta if best is None else min(best, eta)
         return max(0.5, min(best if best is not None else 1.0, 30.0))
 
     def _place(self, req: PlacementRequest, exclude: set[str]):
+        """(choice, record, tier): the policy's worker, with a prediction from that worker's cost model even when
+        the policy makes none, and where the template's cache is on it."""
         if not self.registry.live(req.model_id):
             served = sorted({w.model_id for w in self.registry.live()})
             raise ServiceError(UNAVAILABLE, f"no worker serves model {req.model_id!r} right now (serving: "
@@ -185,7 +217,11 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                                    reason="NO_WORKER_LEFT")
             raise ServiceError(EXHAUSTED, f"every worker serving {req.model_id!r} is full; retry shortly",
                                reason="WORKERS_FULL", retry_after=self._retry_hint())
-        return choice, self.registry.get(choice.worker_id)
+        view = next(v for v in views if v.worker_id == choice.worker_id)
+        predicted = choice.predicted_seconds or predict_finish(view, req, self.default_cost)
+        tier = "host" if req.template_id in view.resident else "loading" if req.template_id in view.loading \
+            else "store"
+        return predicted, self.registry.get(choice.worker_id), tier
 
     # -------------------------------------------------------------------------------------- edits
     @rpc
@@ -225,11 +261,17 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
     async def _run_edit(self, flight: Flight, request, deadline: float) -> None:
         e = request.edit
         request_id_var.set(e.request_id)
+        mode = request.cache_mode or "kv"
         place = PlacementRequest(request.model, e.template_id, int(request.masked_tokens), int(request.steps),
-                                 int(request.cache_bytes))
+                                 int(request.cache_bytes), mode)
+        self.heat.observe(e.template_id, request.model, int(request.cache_bytes))
 
-        async def call(record, remaining):
-            tracked = Tracked(e.request_id, e.template_id, int(request.masked_tokens), int(request.steps))
+        async def call(record, remaining, predicted, tier):
+            cost = record.cost or self.default_cost
+            tracked = Tracked(e.request_id, e.template_id, int(request.masked_tokens), int(request.steps),
+                              flops=cost.request_flops(record.shape, int(request.masked_tokens), mode), mode=mode,
+                              placed_at=time.monotonic(), cache_bytes=int(request.cache_bytes), predicted=predicted,
+                              tier=tier)
             self.registry.track(record.worker_id, tracked)
             try:
                 stream = record.stub.Edit(e, timeout=remaining)
@@ -237,11 +279,12 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                     async for ev in stream:
                         kind = ev.WhichOneof("event")
                         if kind == "started":
-                            tracked.started = True
+                            self.registry.started(record, tracked, time.monotonic())
                         elif kind == "progress":
-                            tracked.started, tracked.steps_done = True, ev.progress.step
+                            self.registry.stepped(record, tracked, ev.progress.step, time.monotonic())
                         flight.publish(pb.EditResponse(worker_event=ev))
                         if kind == "result":
+                            self.registry.answered(record, tracked, time.monotonic())
                             return True
                 finally:
                     stream.cancel()
@@ -260,15 +303,18 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                choice, record = self._place(place, exclude)
+                predicted, record, tier = self._place(place, exclude)
                 self.counters.placed += 1
                 if attempt > 1:
                     self.counters.replaced += 1
+                elif flight.kind == "edit":
+                    attr = {"host": "resident", "loading": "loading"}.get(tier, "cold")
+                    setattr(self.counters, attr, getattr(self.counters, attr) + 1)
                 flight.worker_id = record.worker_id
                 flight.publish(response_type(placement=pb.Placement(
-                    worker_id=record.worker_id, predicted_seconds=choice.predicted_seconds, attempt=attempt)))
+                    worker_id=record.worker_id, predicted_seconds=predicted, attempt=attempt)))
                 try:
-                    if await call(record, remaining):
+                    if await call(record, remaining, predicted, tier):
                         flight.finish()
                         return
                     last = StatusInfo(UNAVAILABLE, f"worker {record.worker_id} ended the stream without a result")
@@ -345,7 +391,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         steps = r.steps or (served[0].info.model.default_steps if served else 1)
         place = PlacementRequest(request.model, r.template_id, tokens, steps, 0)
 
-        async def call(record, remaining):
+        async def call(record, remaining, predicted, tier):
             tracked = Tracked(r.template_id, r.template_id, tokens, steps, started=True)
             self.registry.track(record.worker_id, tracked)
             try:
@@ -354,6 +400,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                     async for ev in stream:
                         if ev.WhichOneof("event") == "progress":
                             tracked.steps_done = ev.progress.step
+                            record.touch()
                         flight.publish(pb.RegisterTemplateResponse(worker_event=ev))
                         if ev.WhichOneof("event") == "registered":
                             return True
@@ -398,11 +445,78 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
     @rpc
     async def GetClusterStatus(self, request, context):
         now = time.monotonic()
+        records = sorted(self.registry.workers.values(), key=lambda r: r.worker_id)
         workers = [pb.WorkerStatus(worker=w.info, load=w.load, report_age_seconds=now - w.last_report,
-                                   in_flight=len(w.tracked))
-                   for w in sorted(self.registry.workers.values(), key=lambda r: r.worker_id)]
+                                   in_flight=len(w.tracked), prediction=_stats(w.accuracy.summary()),
+                                   cost_model=w.cost_source)
+                   for w in records]
+        pairs = [p for w in records for p in w.accuracy.errors]
+        speeds = [w.accuracy.speed for w in records]
+        c = self.counters
         return pb.GetClusterStatusResponse(
             workers=workers, in_flight=len(self.flights.running()) + len(self.registrations),
             max_in_flight=self.config.max_in_flight, placement_policy=self.policy.name,
-            edits_placed=self.counters.placed, edits_replaced=self.counters.replaced,
-            edits_rejected=self.counters.rejected)
+            edits_placed=c.placed, edits_replaced=c.replaced, edits_rejected=c.rejected,
+            prediction=_stats(summarise(pairs, sum(speeds) / len(speeds) if speeds else 1.0)),
+            placed_resident=c.resident, placed_loading=c.loading, placed_cold=c.cold, templates_warmed=c.warmed,
+            placement_policies=sorted(POLICIES))
+
+    @rpc
+    async def ConfigurePlacement(self, request, context):
+        if request.policy and request.policy != self.policy.name:
+            if request.policy not in POLICIES:
+                raise invalid("policy", f"unknown placement policy {request.policy!r}; choose one of "
+                              f"{sorted(POLICIES)}")
+            self.policy = make_policy(request.policy, self.default_cost, self.config.affinity_slack)
+            log.info("placement policy is now %s", self.policy.name)
+        if request.reset_statistics:
+            for record in self.registry.workers.values():
+                record.accuracy.reset()
+                record.touch()
+            placed, replaced, rejected = self.counters.placed, self.counters.replaced, self.counters.rejected
+            self.counters = Counters(placed, replaced, rejected)
+            self.heat = TemplateHeat()
+            self.planner = WarmPlanner()
+        return pb.ConfigurePlacementResponse(policy=self.policy.name)
+
+    # ---------------------------------------------------------------------------------- template warming
+    async def _warm_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.report_interval)
+            try:
+                self._warm_round()
+            except Exception:  # noqa: BLE001 - warming is an optimisation; it must never stop
+                log.exception("template warming round failed")
+
+    def _warm_round(self) -> None:
+        """Ask workers to warm hot templates that too few of them hold (templates.WarmPlanner)."""
+        if not isinstance(self.policy, PredictedFinish):
+            return  # the comparison policies place without regard to where caches are
+        records = {r.worker_id: r for r in self.registry.live()}
+        views = [self.registry.view(r) for r in records.values()]
+
+        def host_free(view, nbytes: int) -> bool:
+            load = records[view.worker_id].load
+            return load.host_cache_budget_bytes - load.host_cache_bytes >= nbytes
+
+        for action in self.planner.plan(views, self.heat.snapshot(), time.monotonic(), host_free):
+            record = records[action.worker_id]
+            if record.stub is None:
+                continue
+            task = asyncio.get_running_loop().create_task(self._warm(record, action.template_id))
+            self._warm_calls.add(task)
+            task.add_done_callback(self._warm_calls.discard)
+            self.counters.warmed += 1
+
+    async def _warm(self, record, template_id: str) -> None:
+        try:
+            await record.stub.WarmTemplate(wpb.WarmTemplateRequest(template_id=template_id), timeout=10.0)
+        except grpc.aio.AioRpcError as exc:
+            log.info("warming %s on %s failed: %s", template_id, record.worker_id, exc.code().name)
+
+
+def _stats(s) -> pb.PredictionStats:
+    return pb.PredictionStats(edits=s.edits, mean_error_seconds=s.mean_error_seconds,
+                              mean_abs_error_seconds=s.mean_abs_error_seconds,
+                              mean_abs_relative_error=s.mean_abs_relative_error,
+                              p95_abs_relative_error=s.p95_abs_relative_error, speed=s.speed)

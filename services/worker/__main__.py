@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(ap, "--drain-timeout", default=120.0, type=float, help="seconds to finish running edits on SIGTERM")
     add_flag(ap, "--max-image-bytes", default=ImageLimits().max_bytes, type=int, help="largest accepted image/mask")
     add_flag(ap, "--torch-threads", default=0, type=int, help="torch intra-op threads (0: torch's default)")
+    add_flag(ap, "--profile", default="", help="cost-model profile (`instgenie profile`) of this model and device "
+             "kind, announced to the scheduler")
     return ap.parse_args(argv)
 
 
@@ -51,7 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.torch_threads)
     config = WorkerConfig(worker_id=args.worker_id, model=args.model, models_dir=args.models_dir,
                           device=args.device, max_batch_size=args.max_batch_size, pre_workers=args.pre_workers,
-                          host_cache_bytes=args.host_cache_bytes, engine=args.engine)
+                          host_cache_bytes=args.host_cache_bytes, engine=args.engine, profile=args.profile)
     runtime = WorkerRuntime(config, open_store(args))
     service = WorkerService(runtime, ImageLimits(max_bytes=args.max_image_bytes))
     host = ServiceHost(f"worker {args.worker_id}", server_config(args))
@@ -66,9 +68,10 @@ async def serve(args: argparse.Namespace) -> None:
     if runtime.ready.is_set():
         await host.set_serving(True)
         if args.scheduler:
+            profile_id = runtime.profile_id()
             info = lambda: spb.WorkerInfo(  # noqa: E731 - rebuilt per registration
                 worker_id=args.worker_id, address=args.advertise or address, model=runtime.model_info(),
-                max_batch_size=args.max_batch_size, device=args.device)
+                max_batch_size=args.max_batch_size, device=args.device, profile=profile_id)
             reporter = Reporter(args.scheduler, info, lambda: runtime.load_report(
                 draining=service.draining, registrations=service.registrations))
             reporting = asyncio.ensure_future(reporter.run())

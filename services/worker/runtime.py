@@ -45,6 +45,8 @@ class WorkerConfig:
     host_cache_bytes: int = 2 * 1024 ** 3
     #: "real" runs the model; "instant" is the mesh benchmark's stand-in whose steps take no time
     engine: str = "real"
+    #: a cost-model profile file (`instgenie profile`) measured for this model and device kind
+    profile: str = ""
 
 
 class MemoTemplateStore(TemplateStore):
@@ -179,6 +181,31 @@ class WorkerRuntime:
             else:
                 loading.append(tid)
         return sorted(resident), sorted(loading)
+
+    def profile_id(self) -> str:
+        """The profile this worker announces: the `--profile` file's id, if it was measured for this model and
+        device kind; "" otherwise (the scheduler then picks one of the same model and device kind, if any)."""
+        if not self.config.profile:
+            return ""
+        from instgenie.services.scheduler.profile import Profile
+
+        try:
+            prof = Profile.load(self.config.profile)
+        except (OSError, ValueError) as exc:
+            log.error("--profile %s cannot be used: %s", self.config.profile, exc)
+            return ""
+        info = self.editor.model.info
+        kind = "cpu" if self.config.device.startswith("cpu") else \
+            f"cuda:{torch.cuda.get_device_name(torch.device(self.config.device))}"
+        if prof.model_id != info.model_id or (prof.config_hash and prof.config_hash != info.config_hash):
+            log.error("--profile %s was measured for model %s, this worker serves %s: not announced",
+                      self.config.profile, prof.model_id, info.model_id)
+            return ""
+        if prof.device_kind != kind:
+            log.error("--profile %s was measured on %s, this worker runs on %s: not announced",
+                      self.config.profile, prof.device_kind, kind)
+            return ""
+        return prof.profile_id
 
     def is_resident(self, template_id: str) -> bool:
         total = self.store.known_steps(template_id)
