@@ -2,7 +2,8 @@
 
 Every InstGenIE process (gateway, scheduler, worker) runs through `ServiceHost`, so they all:
   * raise gRPC's message limits deliberately (images are megabytes) while validating sizes themselves first;
-  * serve grpc.health.v1 for "" and each service name, NOT_SERVING until the process says it is ready;
+  * serve grpc.health.v1 for "" and each service name, NOT_SERVING until the process says it is ready, and
+    "liveness", SERVING whenever the process serves at all (for liveness probes);
   * offer reflection only behind a flag;
   * bind an ephemeral port when asked for port 0 and keep a ready file (address, pid, serving) up to date,
     which is how tests and the local mesh learn where a service listens and when it is ready;
@@ -26,6 +27,10 @@ from grpc_health.v1.health import aio as health_aio
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+#: health service name that is SERVING for as long as the process serves gRPC at all: the liveness probe's.
+#: Readiness ("" and each service name) can be NOT_SERVING for good reasons (model loading, scheduler away,
+#: draining) that a restart would not fix.
+LIVENESS_SERVICE = "liveness"
 #: gRPC's own receive limit; services check payload sizes against their lower, documented limits first, so a
 #: client sees INVALID_ARGUMENT naming the limit rather than gRPC's RESOURCE_EXHAUSTED
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
@@ -102,6 +107,7 @@ class ServiceHost:
                 [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME], self.server)
         await self.server.start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(False)
         log.info("%s listening on %s", self.name, self.address)
         return self.address

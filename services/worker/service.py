@@ -217,7 +217,7 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
                 image, request.prompt, steps=int(request.steps) or None, seed=int(request.seed),
                 mode=request.cache_mode or "kv",
                 guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
-                template_id=request.template_id, progress=progress)
+                template_id=request.template_id or None, progress=progress)
 
         self.registrations += 1
         future = aio_loop.run_in_executor(self._registrar, register)

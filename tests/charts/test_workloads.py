@@ -22,9 +22,10 @@ GiB = 1024 ** 3
 def test_probes_are_grpc_health_checks_on_the_grpc_port(values, component):
     c = container(find(render(values), "Deployment", f"-{component}"))
     port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Liveness asks the always-SERVING "liveness" service: readiness reasons are no reason to restart.
+    for kind, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", "liveness")):
         probe = c[kind]
-        assert probe["grpc"] == {"port": port, "service": ""}, (component, kind)
+        assert probe["grpc"] == {"port": port, "service": service}, (component, kind)
         assert not {"httpGet", "tcpSocket", "exec"} & probe.keys()
 
 

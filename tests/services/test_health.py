@@ -61,6 +61,7 @@ def test_worker_is_not_serving_while_its_model_cannot_load(services, tmp_path):
                  str(tmp_path / "store"), name="worker")
     time.sleep(1.0)
     assert health(w.address) == "NOT_SERVING" and not w.serving_flag()
+    assert liveness(w.address) == "SERVING"
     assert w.proc.poll() is None
     assert w.stop() == 0
 
@@ -74,12 +75,21 @@ def test_gateway_is_ready_only_while_the_scheduler_answers(services, tmp_path):
     gw = services("instgenie.services.gateway", "--scheduler", f"127.0.0.1:{port}", "--store-dir",
                   str(tmp_path / "store"), "--api-keys-file", str(keys), name="gateway")
     assert health(gw.address) == "NOT_SERVING" and not gw.serving_flag()
+    assert liveness(gw.address) == "SERVING"  # not ready, but nothing a restart would fix
     sched = services("instgenie.services.scheduler", name="scheduler", listen=f"127.0.0.1:{port}")
     assert wait_for(lambda: health(gw.address) == "SERVING", 30)
     assert gw.serving_flag()
     assert sched.stop() == 0
     assert wait_for(lambda: health(gw.address) == "NOT_SERVING", 30)
     assert gw.stop() == 0
+
+
+def liveness(address: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
 def _services_via_reflection(address: str) -> list[str]:
