@@ -361,8 +361,14 @@ def run(args) -> int:
         print(f"  {cell['mode']} batch {cell['batch']} tokens {cell['tokens']}: {cell['seconds'] * 1e3:.2f} ms",
               file=sys.stderr)
 
+    from instgenie.engine.errors import InstGenIEError
+
     print(f"profiling {args.model} ...", file=sys.stderr)
-    prof = profile(args, None if args.json else progress)
+    try:
+        prof = profile(args, None if args.json else progress)
+    except (InstGenIEError, ValueError, OSError) as err:  # a model that will not load, a fit that cannot be made
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     out = Path(args.out or f"var/profiles/{prof.model_id}@{prof.device_kind.replace('/', '_')}.json")
     prof.save(out)
     if args.json:

@@ -205,10 +205,12 @@ class Registry:
             item.started, item.started_at, item.last_step_at = True, now, now
             record.touch()
 
-    def stepped(self, record: WorkerRecord, item: Tracked, step: int, now: float) -> None:
-        """`item` has run `step` steps (progress events may skip some). Accounts the profile's seconds for the
-        steps since the last event, in the batch running now; at the last step, compares them with the
+    def stepped(self, record: WorkerRecord, item: Tracked, step: int, now: float, total: int = 0) -> None:
+        """`item` has run `step` of `total` steps (progress events may skip some). Accounts the profile's seconds
+        for the steps since the last event, in the batch running now; at the last step, compares them with the
         measured denoising time and updates the worker's speed correction."""
+        if total > 0:
+            item.total_steps = total  # the worker's count is the truth
         if item.started_at is None:
             self.started(record, item, now)
         advanced = step - item.steps_done

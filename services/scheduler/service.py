@@ -281,7 +281,8 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                         if kind == "started":
                             self.registry.started(record, tracked, time.monotonic())
                         elif kind == "progress":
-                            self.registry.stepped(record, tracked, ev.progress.step, time.monotonic())
+                            self.registry.stepped(record, tracked, ev.progress.step, time.monotonic(),
+                                                  ev.progress.total_steps)
                         flight.publish(pb.EditResponse(worker_event=ev))
                         if kind == "result":
                             self.registry.answered(record, tracked, time.monotonic())

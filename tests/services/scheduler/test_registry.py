@@ -1,6 +1,8 @@
 """Worker registry: leases, re-registration, draining, and load views merging tracked and reported work."""
 from __future__ import annotations
 
+import pytest
+
 from instgenie.scheduler.v1 import scheduler_service_pb2 as spb
 from instgenie.services.scheduler.registry import Registry, Tracked
 from instgenie.worker.v1 import worker_service_pb2 as wpb
@@ -72,3 +74,111 @@ def test_reregistration_keeps_tracked_work():
     reg.track("a", Tracked("r", "t", 1, 10))
     reg.register(info("a"), wpb.WorkerLoad())
     assert "r" in reg.get("a").tracked
+
+
+# ------------------------------------------------------------------------------ cost models, accuracy
+def _profile(model="m", device="cpu", a=1e-9):
+    from instgenie.services.scheduler.profile import Profile, Transfer
+
+    return Profile(model_id=model, device_kind=device, compute_a=a, compute_b=0.01, compute_r2=0.999,
+                   store_to_host=Transfer(1e8, 0.001))
+
+
+def test_each_worker_gets_the_profile_it_announces_else_one_of_its_model_and_device():
+    mine, other_device = _profile(a=1e-9), _profile(device="cuda:NVIDIA H800", a=1e-12)
+    reg = Registry(profiles=[mine, other_device])
+    announced = info("a")
+    announced.profile, announced.device = other_device.profile_id, "cuda"
+    reg.register(announced, wpb.WorkerLoad())
+    matched = info("b")
+    matched.device = "cpu"
+    reg.register(matched, wpb.WorkerLoad())
+    unknown = info("c", model="other")
+    unknown.profile = "other@cpu#0123456789ab"  # a profile this scheduler was not given
+    reg.register(unknown, wpb.WorkerLoad())
+    assert reg.get("a").cost.profile is other_device and "announced" in reg.get("a").cost_source
+    assert reg.get("b").cost.profile is mine and "model and device kind" in reg.get("b").cost_source
+    assert reg.get("c").cost is None and reg.get("c").cost_source == "policy default"
+    assert [v.cost for v in reg.views("m")] == [reg.get("a").cost, reg.get("b").cost]
+
+
+def test_a_worker_silent_past_its_lease_is_never_placed_on_even_before_it_is_retired():
+    clock = Clock()
+    reg = Registry(lease=3.0, clock=clock)
+    reg.register(info("a"), wpb.WorkerLoad())
+    reg.register(info("b"), wpb.WorkerLoad())
+    clock.t += 2.5
+    reg.report("a", wpb.WorkerLoad())
+    clock.t += 1.0  # b's last report is 3.5 s old; the expiry sweep has not run
+    assert sorted(reg.workers) == ["a", "b"]
+    assert [v.worker_id for v in reg.views("m")] == ["a"]
+
+
+def test_views_are_rebuilt_only_when_the_worker_changes():
+    reg = Registry()
+    reg.register(info("a"), wpb.WorkerLoad())
+    first = reg.views("m")[0]
+    assert reg.views("m")[0] is first
+    item = Tracked("r", "t", tokens=4, total_steps=10)
+    reg.track("a", item)
+    second = reg.views("m")[0]
+    assert second is not first and second.in_flight == 1
+    record = reg.get("a")
+    reg.started(record, item, 1.0)
+    reg.stepped(record, item, 3, 1.1)
+    third = reg.views("m")[0]
+    assert third is not second and [(w.tokens, w.steps_left) for w in third.running] == [(4, 7)]
+    reg.report("a", wpb.WorkerLoad(resident_templates=["t"]))
+    assert reg.views("m")[0].resident == {"t"}
+
+
+def test_step_events_measure_the_worker_against_its_profile():
+    """Denoising measured at 2x the profile's time for the steps the scheduler saw: the speed converges to 2."""
+    prof = _profile(a=0.0)  # every step 10 ms whatever the batch
+    reg = Registry(profiles=[prof])
+    reg.register(info("a"), wpb.WorkerLoad())
+    record = reg.get("a")
+    for i in range(30):
+        item = Tracked(f"r{i}", "t", tokens=4, total_steps=10)
+        reg.track("a", item)
+        t = 100.0 * i
+        reg.started(record, item, t)
+        reg.stepped(record, item, 5, t + 0.1)   # 5 steps in 0.1 s: 20 ms each, the profile says 10
+        reg.stepped(record, item, 10, t + 0.2)
+        reg.untrack("a", item.request_id)
+    assert record.accuracy.speed == pytest.approx(2.0, rel=1e-6)
+    assert reg.views("m")[0].speed == pytest.approx(2.0, rel=1e-6)
+    # Without correction the view keeps speed 1.
+    assert Registry(correction=False).correction is False
+
+
+def test_steps_that_ran_beside_a_template_load_do_not_teach_the_speed():
+    reg = Registry(profiles=[_profile(a=0.0)])
+    reg.register(info("a"), wpb.WorkerLoad(loading_templates=["x"]))
+    record = reg.get("a")
+    item = Tracked("r", "t", tokens=4, total_steps=10)
+    reg.track("a", item)
+    reg.started(record, item, 0.0)
+    reg.stepped(record, item, 10, 5.0)  # very slow, but a load was in progress: a shard may have held it up
+    assert item.overlapped_load and record.accuracy.speed == 1.0
+
+
+def test_finish_errors_are_recorded_per_worker():
+    reg = Registry()
+    reg.register(info("a"), wpb.WorkerLoad())
+    record = reg.get("a")
+    for predicted, measured in ((1.0, 1.5), (2.0, 1.0)):
+        item = Tracked("r", "t", tokens=4, total_steps=10, placed_at=10.0, predicted=predicted)
+        reg.answered(record, item, 10.0 + measured)
+    s = record.accuracy.summary()
+    assert s.edits == 2 and s.mean_error_seconds == pytest.approx((0.5 - 1.0) / 2)
+    assert s.mean_abs_relative_error == pytest.approx((0.5 / 1.5 + 1.0 / 1.0) / 2)
+
+
+def test_the_link_backlog_counts_templates_being_loaded():
+    reg = Registry(profiles=[_profile()])  # 100 MB/s, 1 ms per object
+    reg.register(info("a"), wpb.WorkerLoad(loading_templates=["t1"]))
+    reg.track("a", Tracked("r", "t2", tokens=4, total_steps=10, tier="store", cache_bytes=10_000_000))
+    reg.track("a", Tracked("s", "t3", tokens=4, total_steps=10, tier="host", cache_bytes=10_000_000))
+    # t2 (cold, 0.1 s + 10 objects) and t1 (loading, sized like t2); half of each is left on average.
+    assert reg.views("m")[0].link_backlog == pytest.approx(2 * (0.1 + 0.01) / 2)

@@ -1,0 +1,40 @@
+"""`instgenie profile` on this machine: a small grid on the digits model, the fits, the file, and its use."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from instgenie import cli
+from instgenie.services.scheduler.costmodel import FittedCostModel
+from instgenie.services.scheduler.profile import Profile
+
+GRID = ["--batches", "1,3", "--masks", "0.25,1.0", "--modes", "kv,y", "--repeats", "2", "--warmup", "1",
+        "--transfer-sizes", "0.125,0.5,2", "--transfer-repeats", "1"]
+
+
+@pytest.mark.slow  # a few seconds: registers two templates and times 8 cells
+def test_profile_measures_fits_and_writes_a_profile_the_scheduler_loads(tmp_path, capsys):
+    out = tmp_path / "digits.json"
+    assert cli.main(["profile", "--model", "digits", "--out", str(out), "--link-bandwidth", "2e9", *GRID]) == 0
+    text = capsys.readouterr().out
+    assert "R² =" in text and "| kv | 3 |" in text and f"wrote {out}" in text
+    prof = Profile.load(out)
+    assert prof.model_id == "digits-16px" and prof.device_kind == "cpu"
+    assert prof.profile_id == json.loads(out.read_text())["profile_id"]
+    cells = prof.details["compute_cells"]
+    assert len(cells) == 8 and {c["mode"] for c in cells} == {"kv", "y"}
+    assert 0.0 <= prof.compute_r2 <= 1.0 and prof.details["compute_fit_plain"]["r2"] <= prof.compute_r2 + 1e-9
+    assert min(prof.compute_a, prof.compute_b, prof.compute_c) >= 0
+    assert prof.store_to_host.bandwidth > 0 and len(prof.details["store_points"]) == 3
+    # CPU: no device link of its own; --link-bandwidth models one, and says so.
+    assert prof.host_to_device.bandwidth == 2e9 and prof.host_to_device.source.startswith("modelled")
+    cost = FittedCostModel(prof)
+    for c in cells:  # the scheduler's step time is the fit the profile reports
+        assert cost.step_time(c["flops"], c["batch"]) == pytest.approx(c["fitted"])
+    assert prof.pre_seconds > 0 and prof.post_seconds > 0
+
+
+def test_profile_of_a_model_that_does_not_load_fails_with_its_reason(tmp_path, capsys):
+    assert cli.main(["profile", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "p.json"), *GRID]) == 1
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
