@@ -12,5 +12,7 @@ for package, path in ROOTS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"instgenie.engine": ["assets/*/*.json", "assets/*/*/*.json", "assets/*/*/*.safetensors"]},
+    package_data={"instgenie.engine": ["assets/*/*.json", "assets/*/*/*.json", "assets/*/*/*.safetensors"],
+                  # the web page the gateway's HTTP front serves (plain files, no build step)
+                  "instgenie.services.gateway": ["web/*.html", "web/*.js", "web/*.css"]},
 )

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from instgenie.engine.images import ImageLimits
 from instgenie.gateway.v1 import edit_service_pb2 as pb
@@ -33,7 +35,31 @@ def parse_args(argv=None) -> argparse.Namespace:
              help="largest accepted width x height (checked from the header, before decoding)")
     add_flag(ap, "--edit-deadline", default=300.0, type=float, help="seconds an edit may take when the call sets none")
     add_flag(ap, "--keepalive-seconds", default=5.0, type=float, help="StreamEdit keepalive interval")
+    add_flag(ap, "--http-listen", default="", help="host:port of the HTTP front (OpenAI-compatible /v1/images/edits, "
+             "the web page at /web/); empty: no HTTP (port 0: any free port)")
+    add_flag(ap, "--result-url-ttl", default=3600.0, type=float,
+             help="seconds a response_format=url result stays downloadable")
     return ap.parse_args(argv)
+
+
+class GatewayHost(ServiceHost):
+    """ServiceHost whose ready file also names the HTTP front's address, and which remembers its readiness."""
+
+    http_address = ""
+    serving = False
+
+    async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        await super().set_serving(serving)
+        if self.config.ready_file and self.http_address:
+            # Rewritten whole after the base class wrote it: a reader may briefly see it without "http", so
+            # readers that need the HTTP address wait for the key (services/local/mesh.py does).
+            path = Path(self.config.ready_file)
+            info = json.loads(path.read_text())
+            info["http"] = self.http_address
+            tmp = path.with_suffix(path.suffix + ".http.tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -44,13 +70,23 @@ async def serve(args: argparse.Namespace) -> None:
     config = GatewayConfig(scheduler=args.scheduler, limits=limits, default_edit_deadline=args.edit_deadline,
                            keepalive_seconds=args.keepalive_seconds)
     service = GatewayService(config, keys, TemplateRecords(open_store(args)))
-    host = ServiceHost("gateway", server_config(args))
+    host = GatewayHost("gateway", server_config(args))
     host.add_service(pb_grpc.add_EditServiceServicer_to_server, service, SERVICE_NAME)
+    http = None
+    if args.http_listen:
+        from .http.app import build_app
+        from .http.server import HttpFront
+
+        app = build_app(service, ready=lambda: host.serving, result_ttl=args.result_url_ttl)
+        http = HttpFront(app, args.http_listen, grace_seconds=min(args.grace_seconds, 5.0))
+        host.http_address = await http.start()  # before the ready file is first written
     host.install_signal_handlers()
     await host.start()
     readiness = asyncio.ensure_future(follow_scheduler(host, args.scheduler))
     await host.wait_for_stop()
     readiness.cancel()
+    if http is not None:
+        await http.stop()
     await host.shutdown()
     await service.close()
 

@@ -33,8 +33,8 @@ from ..common.server import channel_options
 from ..common.status import ServiceError, invalid, rpc
 from . import validation as v
 from .auth import ApiKeys, Tenant
-from .templates import CREATING, FAILED, READY, TemplateRecord, TemplateRecords, decode_page_token, \
-    encode_page_token, new_template_id
+from .templates import CREATING, FAILED, READY, TemplateRecord, TemplateRecords, content_hash, \
+    decode_page_token, encode_page_token, new_template_id
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,10 @@ class GatewayService(pb_grpc.EditServiceServicer):
             template_id=new_template_id(), tenant=tenant.name, name=request.name, state=CREATING,
             model=model.model_id, width=width, height=height, steps=request.steps or model.default_steps,
             prompt=request.prompt, cache_mode=_CACHE_MODES[request.cache_mode], seed=int(request.seed),
-            guidance_scale=guidance, create_time=now, update_time=now, request_id=request.request_id)
+            guidance_scale=guidance, create_time=now, update_time=now, request_id=request.request_id,
+            extra={"content_sha256": await self._io_call(content_hash, image)})
         await self._io_call(self.records.put, record)
+        await self._io_call(self.records.remember_content, record, request.image)
         if request.request_id:
             await self._io_call(self.records.remember_request, tenant.name, request.request_id, record.template_id)
         task = asyncio.get_running_loop().create_task(self._drive_registration(record, request.image))
@@ -378,6 +380,9 @@ class GatewayService(pb_grpc.EditServiceServicer):
         guidance = e.guidance_scale if e.HasField("guidance_scale") else None
         v.check_guidance(guidance, limits)
         v.check_dilate(e.dilate, limits)
+        if e.preview_every_steps < 0:
+            raise invalid("preview_every_steps", f"preview_every_steps must be 0 (none) or a step count, got "
+                          f"{e.preview_every_steps}")
         if len(e.mask) > limits.image.max_bytes:
             raise invalid("mask", f"mask is {len(e.mask)} bytes; at most {limits.image.max_bytes} are accepted",
                           reason="IMAGE_TOO_LARGE")
@@ -399,7 +404,7 @@ class GatewayService(pb_grpc.EditServiceServicer):
         seed = e.seed if e.HasField("seed") else secrets.randbelow(2 ** 31)
         job = wpb.EditRequest(request_id=worker_request_id(tenant.name, e.request_id), template_id=e.template_id,
                               mask=e.mask, prompt=e.prompt, seed=seed, steps=record.steps, dilate=e.dilate,
-                              tenant=tenant.name)
+                              tenant=tenant.name, preview_every_steps=min(e.preview_every_steps, record.steps))
         if guidance is not None:
             job.guidance_scale = guidance
         return spb.EditRequest(edit=job, tenant=tenant.name, model=record.model, masked_tokens=tokens,
@@ -452,6 +457,7 @@ class GatewayService(pb_grpc.EditServiceServicer):
         request, record = await self._prepare_edit(tenant, e)
         if not stream:
             request.edit.progress_interval_ms = UNARY_PROGRESS_MS
+            request.edit.preview_every_steps = 0  # nobody would see them
         remaining = self._remaining(context, self.config.default_edit_deadline)
         call = self.scheduler.Edit(request, timeout=remaining)
         worker, rid = "", e.request_id
@@ -477,7 +483,8 @@ class GatewayService(pb_grpc.EditServiceServicer):
                 elif kind == "progress":
                     yield pb.StreamEditResponse(request_id=rid, progress=pb.StreamEditResponse.Progress(
                         step=ev.progress.step, total_steps=ev.progress.total_steps,
-                        batch_size=ev.progress.batch_size))
+                        batch_size=ev.progress.batch_size, preview=ev.progress.preview,
+                        preview_mime_type=ev.progress.preview_mime_type))
                 elif kind == "result":
                     r = ev.result
                     yield pb.StreamEditResponse(request_id=rid, result=pb.EditResult(

@@ -2,7 +2,13 @@
 
     tenants/<tenant>/templates/<template_id>.json        the record (name, state, model, size, times, ...)
     tenants/<tenant>/create-requests/<request_id>.json   request id -> template id (idempotent creates)
+    tenants/<tenant>/template-images/<template_id>        the image as uploaded (the web page shows it)
+    tenants/<tenant>/template-content/<model>/<sha256>.json   content hash -> newest template of that image
     templates/<template_id>/...                           the activation cache (written by a worker)
+
+The content index lets the OpenAI-compatible endpoint, which is sent images rather than template ids, find
+the template an image already is, from any gateway replica. The hash covers the decoded pixels, their mode
+and size (`content_hash`), so two encodings of one picture are one template.
 
 Template ids sort newest first (`tpl-` + 12 hex digits of an inverted millisecond clock + 8 random hex), so
 one LIST of a tenant's prefix pages through its templates in order, and a page token is just the last id.
@@ -15,9 +21,11 @@ touched for `stale_after` seconds.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import secrets
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 
 from instgenie.gateway.v1 import edit_service_pb2 as pb
@@ -38,6 +46,13 @@ class RecordCorrupt(Exception):
 
     grpc_code = "DATA_LOSS"
     code = "RECORD_CORRUPT"
+
+
+def content_hash(image) -> str:
+    """sha256 of a decoded PIL image: mode, size and pixels (not the file's bytes)."""
+    digest = hashlib.sha256(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def new_template_id() -> str:
@@ -170,11 +185,45 @@ class TemplateRecords:
         return ids, False
 
     def delete(self, record: TemplateRecord) -> None:
-        """Record first (the template disappears for every gateway), then the cache and the request index."""
+        """Record first (the template disappears for every gateway), then the cache and the indexes."""
         self.store.delete(self._key(record.tenant, record.template_id))
         self.store.delete_prefix(f"{self.cache_prefix}/{record.template_id}/")
         if record.request_id:
             self.store.delete(self._request_key(record.tenant, record.request_id))
+        self.store.delete(self._image_key(record.tenant, record.template_id))
+        sha = record.extra.get("content_sha256")
+        if sha and self.template_for_content(record.tenant, record.model, sha) == record.template_id:
+            self.store.delete(self._content_key(record.tenant, record.model, sha))
+
+    # ------------------------------------------------------------------- images and content index
+    @staticmethod
+    def _image_key(tenant: str, template_id: str) -> str:
+        return f"tenants/{tenant}/template-images/{template_id}"
+
+    @staticmethod
+    def _content_key(tenant: str, model: str, sha: str) -> str:
+        return f"tenants/{tenant}/template-content/{urllib.parse.quote(model, safe='')}/{sha}.json"
+
+    def remember_content(self, record: TemplateRecord, image: bytes) -> None:
+        """Keep the template's image and point its content hash at it (the newest template of an image wins)."""
+        self.store.put(self._image_key(record.tenant, record.template_id), image)
+        sha = record.extra.get("content_sha256")
+        if sha:
+            self.store.put(self._content_key(record.tenant, record.model, sha),
+                           json.dumps({"template_id": record.template_id}).encode())
+
+    def template_for_content(self, tenant: str, model: str, sha: str) -> str | None:
+        try:
+            return json.loads(self.store.get(self._content_key(tenant, model, sha)))["template_id"]
+        except ObjectNotFound:
+            return None
+
+    def image(self, tenant: str, template_id: str) -> bytes | None:
+        """The template's image as uploaded; None for templates created before images were kept."""
+        try:
+            return self.store.get(self._image_key(tenant, template_id))
+        except ObjectNotFound:
+            return None
 
     @staticmethod
     def _request_key(tenant: str, request_id: str) -> str:

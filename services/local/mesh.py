@@ -1,4 +1,5 @@
-"""The whole system on one machine: a local S3 server, the scheduler, N CPU workers and the gateway, on loopback.
+"""The whole system on one machine: a local S3 server, the scheduler, N CPU workers and the gateway (gRPC and its
+HTTP front), on loopback.
 
 `instgenie up` (and `make run`) runs it in the foreground until Ctrl-C; the end-to-end tests use `LocalMesh`
 as a fixture. Every process is started in its own session, so Ctrl-C reaches only this supervisor, which then
@@ -34,6 +35,8 @@ class MeshConfig:
     #: 0: an ephemeral port (tests); make run uses 50051/50052
     gateway_port: int = 0
     scheduler_port: int = 0
+    #: the gateway's HTTP front (OpenAI-compatible API, web page); 0: an ephemeral port, None: no HTTP
+    http_port: int | None = 0
     workers: int = 2
     model: str = "digits"
     engine: str = "real"
@@ -57,6 +60,9 @@ class Process:
     ready_file: Path
     log: Path
     address: str = ""
+    #: the HTTP front's host:port (gateway only), read from the ready file
+    http: str = ""
+    expect_http: bool = False
 
     @property
     def pid(self) -> int:
@@ -91,6 +97,11 @@ class LocalMesh:
     def api_key(self) -> str:
         return next(iter(self.tenants.values()))
 
+    @property
+    def http_url(self) -> str:
+        """Base URL of the gateway's HTTP front ("" without one); the web page is at http_url + "/web/"."""
+        return f"http://{self.gateway.http}" if self.gateway is not None and self.gateway.http else ""
+
     # ---------------------------------------------------------------------------------- processes
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -116,8 +127,8 @@ class LocalMesh:
                 if not p.alive():
                     raise MeshError(f"{p.name} exited with code {p.popen.returncode} while starting:\n{p.log_tail()}")
                 info = read_ready_file(p.ready_file)
-                if info and info.get("serving"):
-                    p.address = info["address"]
+                if info and info.get("serving") and (info.get("http") or not p.expect_http):
+                    p.address, p.http = info["address"], info.get("http", "")
                     pending.remove(p)
             if time.monotonic() > end:
                 raise MeshError(f"{', '.join(p.name for p in pending)} not ready after {self.config.startup_timeout}s:\n"
@@ -137,10 +148,12 @@ class LocalMesh:
             self._wait_ready([self.scheduler])
             self.workers = [self.add_worker(wait=False) for _ in range(self.config.workers)]
             keys = ",".join(f"{t}:{k}" for t, k in self.tenants.items())
+            http = [] if self.config.http_port is None else ["--http-listen", f"127.0.0.1:{self.config.http_port}"]
             self.gateway = self._spawn("gateway", "instgenie.services.gateway",
                                        ["--listen", f"127.0.0.1:{self.config.gateway_port}",
-                                        "--scheduler", self.scheduler.address, *self.config.gateway_args],
+                                        "--scheduler", self.scheduler.address, *http, *self.config.gateway_args],
                                        {**env, "INSTGENIE_API_KEYS": keys})
+            self.gateway.expect_http = bool(http)
             self._wait_ready([*self.workers, self.gateway])
             self.wait_registered(len(self.workers))
         except BaseException:
@@ -188,7 +201,7 @@ class LocalMesh:
         home.mkdir(parents=True, exist_ok=True)
         path = home / "local.json"
         path.write_text(json.dumps({"gateway": self.gateway.address, "scheduler": self.scheduler.address,
-                                    "api_key": self.api_key, "pid": os.getpid()}, indent=2))
+                                    "http": self.http_url, "api_key": self.api_key, "pid": os.getpid()}, indent=2))
         path.chmod(0o600)
 
     def _unpublish(self) -> None:

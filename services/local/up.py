@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="digits", help="model preset or directory for the workers (default digits)")
     ap.add_argument("--gateway-port", type=int, default=50051)
     ap.add_argument("--scheduler-port", type=int, default=50052)
+    ap.add_argument("--http-port", type=int, default=8080,
+                    help="the gateway's HTTP front: OpenAI-compatible API and web page (default 8080; -1: none)")
     ap.add_argument("--state-dir", default="var/local", help="logs, S3 data and demo files (default var/local)")
     ap.add_argument("--no-demo", action="store_true", help="skip the demo template and edit")
     ap.add_argument("--exit-after-demo", action="store_true", help="stop everything once the demo edit is done")
@@ -83,7 +85,8 @@ def _side_by_side(out: Path) -> None:
 def run(argv=None) -> int:
     args = parse_args(argv)
     config = MeshConfig(state_dir=Path(args.state_dir), gateway_port=args.gateway_port,
-                        scheduler_port=args.scheduler_port, workers=args.workers, model=args.model, publish=True)
+                        scheduler_port=args.scheduler_port, http_port=None if args.http_port < 0 else args.http_port,
+                        workers=args.workers, model=args.model, publish=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -95,6 +98,9 @@ def run(argv=None) -> int:
         _say(f"up in {time.monotonic() - t0:.1f}s: gateway {mesh.gateway.address}, scheduler {mesh.scheduler.address}, "
              f"S3 {mesh.s3.endpoint}, workers " + ", ".join(w.address for w in mesh.workers))
         _say(f"logs: {mesh.state / 'logs'}; connection for the CLI: {instgenie_home() / 'local.json'}")
+        if mesh.http_url:
+            _say(f"web page: {mesh.http_url}/web/  (API key {mesh.api_key}); OpenAI-compatible API: "
+                 f"{mesh.http_url}/v1")
         if not args.no_demo and not stop.is_set():
             template_id = demo(mesh, mesh.state / "demo")
             _say(f"demo pictures: {mesh.state / 'demo'} (demo.png: template | mask | edit)")
@@ -107,6 +113,8 @@ def run(argv=None) -> int:
              "--out out/edit.png")
         _say("  instgenie templates create IMAGE.png --prompt 5     # a 16x16 image for the digits model")
         _say("  instgenie status")
+        if mesh.http_url:
+            _say(f"  open {mesh.http_url}/web/ and paint a mask over a template")
         if args.exit_after_demo:
             return 0
         _say("\nserving until Ctrl-C ...")

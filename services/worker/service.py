@@ -47,11 +47,15 @@ class _Sink:
     compete with the denoising loop for the GIL at every step.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, progress_interval: float = 0.0):
+    def __init__(self, loop: asyncio.AbstractEventLoop, progress_interval: float = 0.0, engine=None,
+                 preview_every: int = 0):
         self._loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.progress_interval = progress_interval
         self._last_progress = 0.0
+        self._engine = engine
+        self.preview_every = preview_every
+        self._start = None  # the request's latents before its first step (previews need them)
 
     def put(self, item) -> None:
         if (self.progress_interval > 0 and item is not None and not isinstance(item, int)
@@ -60,7 +64,42 @@ class _Sink:
             if now - self._last_progress < self.progress_interval:
                 return
             self._last_progress = now
+        if self.preview_every and item is not None and not isinstance(item, int) and item.status == Status.RUNNING:
+            snapshot = self._snapshot(item)
+            if snapshot is not None:
+                item = _Stepped(item, snapshot)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _snapshot(self, ev):
+        """On the engine's thread, between steps: references to what a preview needs (no copy, no compute).
+
+        The engine loop hands events to this sink from its own thread right after a step, when nothing steps
+        the request; its state is read there (EngineLoop keeps it in `_scheduled`; the engine offers no public
+        accessor). A step replaces `state.latents` rather than writing into it, so the references stay valid.
+        """
+        try:
+            entry = self._engine._scheduled.get(ev.request_id)
+            if entry is None:
+                return None
+            state = entry[1]
+            if ev.steps_done == 0:
+                self._start = state.latents
+                return None
+            if self._start is None or ev.steps_done % self.preview_every or ev.steps_done >= ev.total_steps:
+                return None
+            return state, state.latents, self._start, float(state.sigmas[state.step_index])
+        except Exception:  # noqa: BLE001 - a preview is optional; the edit must never suffer for one
+            log.debug("no preview snapshot for %s", ev.request_id, exc_info=True)
+            return None
+
+
+class _Stepped:
+    """A step event with the snapshot its preview is made from."""
+
+    __slots__ = ("event", "snapshot")
+
+    def __init__(self, event, snapshot):
+        self.event, self.snapshot = event, snapshot
 
 
 class _Cancelled(Exception):
@@ -108,7 +147,8 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
             dilate=int(request.dilate), deadline=deadline, request_id=request.request_id,
         )
         cache_tier = "host" if self.runtime.is_resident(request.template_id) else "store"
-        sink = _Sink(asyncio.get_running_loop(), request.progress_interval_ms / 1000)
+        sink = _Sink(asyncio.get_running_loop(), request.progress_interval_ms / 1000, engine=loop,
+                     preview_every=max(0, int(request.preview_every_steps)))
         try:
             handle = loop.submit(edit, events=sink)
         except InstGenIEError:
@@ -153,12 +193,18 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
                 if isinstance(ev, int):
                     yield wpb.EditResponse(queued=wpb.EditResponse.Queued(position=ev))
                     continue
+                preview = b""
+                if isinstance(ev, _Stepped):
+                    # Made on the codec pool: the denoising loop goes on; only this stream waits for it.
+                    preview = await self._run(_preview_png, self.runtime.editor, *ev.snapshot)
+                    ev = ev.event
                 if ev.status == Status.RUNNING and ev.steps_done == 0:
                     poller.cancel()
                     yield wpb.EditResponse(started=wpb.EditResponse.Started(batch_size=ev.batch_size))
                 elif ev.status in (Status.RUNNING, Status.FINISHED):  # FINISHED: the last step
                     yield wpb.EditResponse(progress=wpb.EditResponse.Progress(
-                        step=ev.steps_done, total_steps=ev.total_steps, batch_size=ev.batch_size))
+                        step=ev.steps_done, total_steps=ev.total_steps, batch_size=ev.batch_size,
+                        preview=preview, preview_mime_type="image/png" if preview else ""))
                 # cancelled, expired or failed: the future carries the outcome
         finally:
             poller.cancel()
@@ -292,6 +338,37 @@ def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+#: previews are at most this many pixels a side
+PREVIEW_MAX_SIDE = 256
+
+
+def _preview_png(editor, state, latents, start, sigma: float) -> bytes:
+    """What the edit would look like if denoising stopped now, as a small PNG ("" when it cannot be made).
+
+    Rectified flow moves x_t = (1 - sigma) x0 + sigma x1 from the starting noise x1 towards the image x0, so
+    x0 ~ (x_t - sigma x1) / (1 - sigma). That estimate is decoded like a result (template pixels outside the
+    mask), then shrunk. It is exact for unmasked tokens and converges on the result for masked ones.
+    """
+    try:
+        import torch
+
+        from instgenie.engine.latents import tensor_to_image, unpack
+
+        with torch.no_grad():
+            x0 = (latents - sigma * start) / max(1.0 - sigma, 1e-3)
+            h, w = editor.latent_hw
+            decoded = editor.model.codec.decode(unpack(x0, h, w))
+            mask = state.mask.pixels.to(decoded.device)[None, None]
+            decoded = torch.where(mask, decoded, state.template_image.to(decoded.dtype))
+            image = tensor_to_image(decoded)
+        if max(image.size) > PREVIEW_MAX_SIDE:
+            image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
+        return _png(image)
+    except Exception:  # noqa: BLE001 - a preview is optional; the edit must never fail for one
+        log.debug("preview failed", exc_info=True)
+        return b""
 
 
 def _abort_status(exc: BaseException) -> BaseException:
