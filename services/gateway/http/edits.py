@@ -165,9 +165,13 @@ class ImageEdits:
         record = await self._by_content(tenant, call, model.model_id, sha)
         if record is not None:
             return Target(record, mask, "content_hash")
+        if p.steps not in (0, model.default_steps):
+            # A new image is registered with the model's default steps, and an edit runs its template's steps.
+            raise bad("steps", f"a new image is registered with {model.default_steps} steps, so edits of it run "
+                      f"that many (send 0 or {model.default_steps}), got {p.steps}", code="invalid_argument")
         started = time.monotonic()
         image_bytes = p.image.data if fitted is image else png(fitted)
-        record = await self._register(tenant, call, model.model_id, sha, image_bytes, p.steps)
+        record = await self._register(tenant, call, model.model_id, sha, image_bytes)
         return Target(record, mask, "registered", registration_seconds=time.monotonic() - started)
 
     async def _mask(self, p: EditParams, image, sent_size, run_size) -> bytes:
@@ -203,22 +207,21 @@ class ImageEdits:
             record = await self._wait(tenant, call, record.template_id)
         return record if record.state == READY else None  # FAILED: it is registered again
 
-    async def _register(self, tenant, call: HttpCall, model: str, sha: str, image: bytes, steps: int):
+    async def _register(self, tenant, call: HttpCall, model: str, sha: str, image: bytes):
         """Register the image, once per (tenant, model, content) in this gateway however many callers wait."""
         key = (tenant.name, model, sha)
         task = self._registering.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._create(tenant, call, model, sha, image, steps))
+            task = asyncio.get_running_loop().create_task(self._create(tenant, call, model, sha, image))
             self._registering[key] = task
             task.add_done_callback(lambda _: self._registering.pop(key, None))
         return await asyncio.shield(task)  # a caller that leaves does not cancel the others' registration
 
-    async def _create(self, tenant, call: HttpCall, model: str, sha: str, image: bytes, steps: int):
+    async def _create(self, tenant, call: HttpCall, model: str, sha: str, image: bytes):
         call = call.with_timeout(self.bridge.service.config.default_create_deadline)
         # What an uploaded image shows is unknown, so it is registered with the empty (unconditional) prompt;
         # edits bring their own prompt (the text is recomputed on every edit).
-        request = pb.CreateTemplateRequest(image=image, name=f"upload {sha[:12]}", prompt="", model=model,
-                                           steps=steps)
+        request = pb.CreateTemplateRequest(image=image, name=f"upload {sha[:12]}", prompt="", model=model)
         op = (await self.bridge.unary("CreateTemplate", request, call)).operation
         meta = pb.CreateTemplateMetadata()
         op.metadata.Unpack(meta)
