@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import ApiError, bad
 
@@ -39,29 +39,37 @@ async def read_form(request: Request, max_body: int, max_files: int = 4, max_fie
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_body * DRAIN_FACTOR:
         raise _too_large(max_body, int(declared))
-    seen = 0
+    seen, ended = 0, False
 
     async def limited():
-        nonlocal seen
-        async for chunk in request.stream():
-            seen += len(chunk)
+        # ASGI messages read here (not through request.stream()) so that we know whether the body has ended.
+        nonlocal seen, ended
+        while not ended:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            body = message.get("body", b"")
+            ended = not message.get("more_body", False)
+            seen += len(body)
             if seen > max_body:
                 raise _TooLarge()
-            yield chunk
+            if body:
+                yield body
 
     parser = MultiPartParser(request.headers, limited(), max_files=max_files, max_fields=max_fields,
                              max_part_size=MAX_TEXT_FIELD_BYTES)
     try:
         return await parser.parse()
     except _TooLarge:
-        seen += await _drain(request, max_body * DRAIN_FACTOR - seen)
+        if not ended:
+            seen += await _drain(request, max_body * DRAIN_FACTOR - seen)
         raise _too_large(max_body, seen) from None
     except MultiPartException as exc:
         raise bad(None, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
 
 
 async def _drain(request: Request, budget: int) -> int:
-    """Read and drop the rest of the body, up to `budget` bytes (the stream itself is closed by now)."""
+    """Read and drop the rest of the body, up to `budget` bytes."""
     dropped = 0
     while dropped <= budget:
         message = await request.receive()
