@@ -126,7 +126,7 @@ async function runEdit(event) {
   state.running = true;
   $('submit').disabled = true;
   $('events').replaceChildren();
-  $('preview').hidden = true;
+  $('preview').removeAttribute('src');
   $('progress').value = 0;
   $('progress').dataset.step = '0';
   status('Editing ...');
@@ -141,7 +141,6 @@ async function runEdit(event) {
         logEvent(type, `${data.step}/${data.total_steps} (batch ${data.batch_size})`);
       } else if (type === 'image_edit.partial_image') {
         $('preview').src = `data:image/png;base64,${data.b64_json}`;
-        $('preview').hidden = false;
         $('preview').dataset.count = String(data.partial_image_index + 1);
         logEvent(type, `#${data.partial_image_index} at step ${data.step}`);
       } else if (type === 'image_edit.completed') {
@@ -176,7 +175,8 @@ function showResult(t, data) {
     + ` · ${info.total_seconds.toFixed(2)} s`;
   $('result').hidden = false;
   $('result').dataset.ready = 'true';
-  status(`Done in ${info.total_seconds.toFixed(2)} s on ${info.worker} (template cache: ${data.instgenie.template_source}).`);
+  status(`Done in ${info.total_seconds.toFixed(2)} s on ${info.worker}, `
+    + `from the cache of template ${data.instgenie.template_id}.`);
 }
 
 // ------------------------------------------------------------------------------------------- controls

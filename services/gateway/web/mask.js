@@ -1,8 +1,8 @@
 // The mask editor: a binary mask at the template's own resolution, painted with pointer events on a canvas
 // scaled up with nearest-neighbour pixels, with brush, eraser, size and undo; exported in OpenAI's convention.
 
-const OVERLAY = [224, 68, 62, 150]; // painted pixels as drawn over the template (RGBA)
-const DISPLAY = 384; // CSS pixels of the longer side on screen
+const OVERLAY = [224, 68, 62, 130]; // painted pixels as drawn over the template (RGBA)
+const DISPLAY = 320; // CSS pixels of the longer side on screen
 
 export class MaskEditor {
   constructor(templateCanvas, maskCanvas, onChange) {
