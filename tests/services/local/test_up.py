@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def leftovers(marker: str) -> list[str]:
 def up(tmp_path: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "INSTGENIE_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "instgenie.services.local", "--gateway-port", "0",
-                             "--scheduler-port", "0", "--state-dir", str(tmp_path / "state"), *args],
+                             "--scheduler-port", "0", "--http-port", "0", "--state-dir", str(tmp_path / "state"),
+                             *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
 
@@ -63,6 +65,15 @@ def test_up_serves_until_sigint_and_the_cli_needs_no_flags(tmp_path):
         assert any("serving until Ctrl-C" in line for line in lines), "".join(lines)
         local = json.loads((tmp_path / "home" / "local.json").read_text())
         assert local["gateway"].startswith("127.0.0.1:") and local["api_key"]
+        # The HTTP front: its URL is printed and published; the web page and the OpenAI API answer there.
+        assert local["http"].startswith("http://127.0.0.1:") and local["http"] != "http://127.0.0.1:8080"
+        assert any(f"web page: {local['http']}/web/" in line for line in lines), "".join(lines)
+        with urllib.request.urlopen(local["http"] + "/web/", timeout=30) as page:
+            assert b"mask-canvas" in page.read()
+        request = urllib.request.Request(local["http"] + "/v1/models",
+                                         headers={"Authorization": f"Bearer {local['api_key']}"})
+        with urllib.request.urlopen(request, timeout=30) as models:
+            assert json.loads(models.read())["data"][0]["id"] == "digits-16px"
         env = {**os.environ, "INSTGENIE_HOME": str(tmp_path / "home")}
         env.pop("INSTGENIE_ADDRESS", None)
         env.pop("INSTGENIE_API_KEY", None)
