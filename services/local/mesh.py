@@ -148,7 +148,8 @@ class LocalMesh:
             self._wait_ready([self.scheduler])
             self.workers = [self.add_worker(wait=False) for _ in range(self.config.workers)]
             keys = ",".join(f"{t}:{k}" for t, k in self.tenants.items())
-            http = [] if self.config.http_port is None else ["--http-listen", f"127.0.0.1:{self.config.http_port}"]
+            port = self.config.http_port
+            http = [] if port is None else ["--http-listen", f"127.0.0.1:{port}"]
             self.gateway = self._spawn("gateway", "instgenie.services.gateway",
                                        ["--listen", f"127.0.0.1:{self.config.gateway_port}",
                                         "--scheduler", self.scheduler.address, *http, *self.config.gateway_args],

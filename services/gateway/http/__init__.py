@@ -1,1 +1,1 @@
-"""The gateway's HTTP front: OpenAI-compatible images API, a JSON template API and the web mask editor (docs/http.md)."""
+"""The gateway's HTTP front: OpenAI-compatible images API, JSON template API, web mask editor (docs/http.md)."""

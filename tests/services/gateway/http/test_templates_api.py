@@ -24,7 +24,8 @@ def test_upload_watch_progress_list_image_and_delete(http_url):
     status, _, listing = call_json(http_url, "GET", "/v1/templates?page_size=1000")
     mine = [t for t in listing["data"] if t["id"] == template_id]
     assert status == 200 and len(mine) == 1
-    assert mine[0]["name"] == "an eight" and mine[0]["state"] == "ready" and (mine[0]["width"], mine[0]["steps"]) == (16, 12)
+    assert mine[0]["name"] == "an eight" and mine[0]["state"] == "ready"
+    assert (mine[0]["width"], mine[0]["steps"]) == (16, 12)
     status, headers, data = call(http_url, "GET", mine[0]["image_url"])
     assert status == 200 and headers["content-type"] == "image/png" and (decode(data) == image).all()
     # Another tenant sees neither the template nor its image.
