@@ -224,7 +224,14 @@ class Editor:
         device = self.model.device
         if device.type == "cpu":
             return get
-        return lambda step: {k: v.to(device, non_blocking=True) for k, v in get(step).items()}
+
+        def fetch(step: int) -> dict[str, torch.Tensor]:
+            shard = get(step)
+            if self.pipeline is not None:  # stays in host memory: streamed to the device block by block
+                return shard
+            return {k: v.to(device, non_blocking=True) for k, v in shard.items()}
+
+        return fetch
 
     def prefetch(self, template_id: str) -> None:
         """Start warming a template's cache, e.g. as soon as a request for it is assigned to this worker."""

@@ -38,19 +38,31 @@ class BlockCosts:
     @classmethod
     def calibrate(cls, model, ratios=(0.1, 0.5), batch: int = 2, repeats: int = 3) -> "BlockCosts":
         """Time Y-mode forwards with every block cached and every block in full, fit per-block lines."""
-        tr, n_blocks = model.transformer, model.num_blocks
+        steps = [synthetic_step(model, batch, ratio, "y", seed=3) for ratio in ratios]
+        return cls.measure(model.transformer, [(st.packed, st.index, st.inputs["latents"].shape[1]) for st in steps],
+                           repeats)
+
+    @classmethod
+    def measure(cls, transformer, cells, repeats: int = 3) -> "BlockCosts":
+        """Fit from timed forwards: `cells` = [(packed(use_cache=...) -> PackedStep, token index, image tokens)].
+
+        Timing synchronises the device, so on a GPU it measures the kernels, not their launch.
+        """
+        n_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
         points_cached, points_full = [], []
-        for ratio in ratios:
-            st = synthetic_step(model, batch, ratio, "y", seed=3)
-            computed = sum(int(i.numel()) for i in st.index)
+        for packed_fn, index, image_tokens in cells:
+            computed = sum(int(i.numel()) for i in index)
             for use_cache, points, tokens in (([True] * n_blocks, points_cached, computed),
-                                              ([False] * n_blocks, points_full, batch * st.inputs["latents"].shape[1])):
-                packed = st.packed(use_cache=use_cache)
-                sparse_forward(tr, packed)  # warm-up
+                                              ([False] * n_blocks, points_full, len(index) * image_tokens)):
+                packed = packed_fn(use_cache=use_cache)
+                device = packed.x.device
+                sparse_forward(transformer, packed)  # warm-up
                 times = []
                 for _ in range(repeats):
+                    _sync(device)
                     t0 = time.perf_counter()
-                    sparse_forward(tr, packed)
+                    sparse_forward(transformer, packed)
+                    _sync(device)
                     times.append(time.perf_counter() - t0)
                 points.append((tokens, statistics.median(times) / n_blocks))
         a_c, b_c = _line(points_cached)
@@ -58,6 +70,11 @@ class BlockCosts:
         if a_f == 0:  # full compute does not depend on the ratio: one point, spread over the token count
             a_f, b_f = points_full[0][1] / points_full[0][0], 0.0
         return cls(a_c, b_c, a_f, b_f)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _line(points: list[tuple[float, float]]) -> tuple[float, float]:

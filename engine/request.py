@@ -79,6 +79,9 @@ class RequestState:
     degraded: str | None = None
     created: float = field(default_factory=time.monotonic)
     step_times: list[float] = field(default_factory=list)
+    #: per guidance branch, a digest of what fixes its AdaLN conditioning at every step (pooled prompt, schedule,
+    #: guidance); with the step index it keys the shared modulation rows (transformer/modulation.py)
+    cond_digest: list[bytes] | None = None
 
     @property
     def total_steps(self) -> int:

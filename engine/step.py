@@ -1,6 +1,7 @@
 """One denoising step for a batch of request states: pack, run the transformer once, step each scheduler."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -121,6 +122,7 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
             prompt_embeds=prompt_embeds, pooled=pooled, timestep=timestep, txt_ids=txt_ids, img_ids=img_ids,
             caches=caches, mode=mode, guidance=guidance, use_cache=use_cache,
             x_full=torch.cat([s.latents for s, _ in seqs]) if mode == "y" else None,
+            cond_keys=[(cond_digest(s)[g], s.step_index) for s, g in seqs],
         )
         try:
             packed = sparse_forward(transformer, step)
@@ -140,6 +142,22 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
         return dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance,
                              mode=mode, caches=caches, keep=keep, use_cache=use_cache)
     return dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().reshape(-1).cpu().contiguous()
+    return str(t.dtype).encode() + t.view(torch.uint8).numpy().tobytes()
+
+
+def cond_digest(s: RequestState) -> list[bytes]:
+    """Per branch, a digest of the pooled prompt, the timestep schedule and the guidance: with the step index
+    it fixes the AdaLN conditioning exactly, so requests with equal digests share modulation rows. Computed
+    once per request (one device->host read), never per step."""
+    if s.cond_digest is None:
+        common = _tensor_bytes(s.timesteps) + (b"" if s.guidance is None else _tensor_bytes(s.guidance))
+        s.cond_digest = [hashlib.sha256(_tensor_bytes(s.text.pooled[g]) + common).digest()
+                         for g in range(s.branches)]
+    return s.cond_digest
 
 
 def _scale(state: RequestState) -> int:

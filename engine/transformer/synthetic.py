@@ -21,7 +21,12 @@ class SyntheticStep:
     def caches(self) -> list[StepCache]:
         return [StepCache(self.shard, s) for s in range(len(self.index))]
 
-    def packed(self, caches=None, use_cache=None) -> PackedStep:
+    def cond_keys(self) -> list:
+        """Modulation keys of this step's sequences: a second call with them reuses the first one's rows."""
+        return [("synthetic", id(self), s) for s in range(len(self.index))]
+
+    def packed(self, caches=None, use_cache=None, shared_modulation: bool = False) -> PackedStep:
+        """The packed sparse-forward input; `shared_modulation` keys the modulation rows (see cond_keys)."""
         x = self.inputs["latents"]
         return PackedStep(
             x=torch.cat([x[s, idx] for s, idx in enumerate(self.index)]), token_index=self.index,
@@ -29,6 +34,7 @@ class SyntheticStep:
             timestep=self.inputs["timestep"], txt_ids=self.inputs["txt_ids"], img_ids=self.inputs["img_ids"],
             caches=caches if caches is not None else self.caches(), mode=self.mode,
             guidance=self.inputs["guidance"], x_full=x if self.mode == "y" else None, use_cache=use_cache,
+            cond_keys=self.cond_keys() if shared_modulation else None,
         )
 
 

@@ -208,3 +208,16 @@ def test_pinning_is_a_no_op_without_cuda(cache):
     cache.put("a", value)
     if not torch.cuda.is_available():
         assert cache.peek("a")["t"] is value["t"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_loaded_and_put_shards_are_pinned_and_copy_asynchronously():
+    with HostCache(budget_bytes=10 * 2**20) as cache:
+        cache.put("put", shard(2**20, fill=3))
+        loaded = cache.get("loaded", CountingLoader(nbytes=2**20), timeout=10)
+        for value in (cache.peek("put"), loaded):
+            assert value["t"].is_pinned()
+            device = value["t"].to("cuda", non_blocking=True)
+            torch.cuda.synchronize()
+            assert torch.equal(device.cpu(), value["t"])
+        assert cache.stats().bytes == 2 * 2**20  # pinning does not change what is counted

@@ -194,3 +194,35 @@ def test_cuda_side_stream_round_trip():
             got = loader.wait(i, timeout=10)
             assert torch.equal(got[f"kv.{i}.k"].cpu(), blocks[i][f"kv.{i}.k"])
             loader.release(i)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA side-stream path needs a GPU")
+def test_cuda_double_buffers_are_ordered_by_events_not_by_the_host():
+    """Compute enqueues work that reads block i after the copy, then releases it; the copy of block i + 2 into
+    the same buffer must wait for that work (an event), although the host returns from release at once."""
+    n, size = 6, 4 * MIB
+    blocks = [{f"kv.{i}.k": torch.full((size // 4,), float(i)).pin_memory()} for i in range(n)]
+    sums = []
+    with BlockLoader(blocks, device="cuda", buffers=2) as loader:
+        for i in range(n):
+            t = loader.wait(i, timeout=30)[f"kv.{i}.k"]
+            for _ in range(20):  # long enough on the compute stream for a racing copy to show
+                t = t * 1.0
+            sums.append(t.sum())
+            loader.release(i)
+        pointers = {loader._slot_buffers[s][0].data_ptr() for s in range(2)}
+    torch.cuda.synchronize()
+    assert [s.item() for s in sums] == [float(i) * size // 4 for i in range(n)]
+    assert len(pointers) == 2  # two device buffers served all six blocks
+    assert loader.report().total_load_s > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA side-stream path needs a GPU")
+def test_cuda_pageable_sources_are_pinned_for_the_copy():
+    blocks = make_blocks(2)
+    assert not blocks[0]["kv.0.k"].is_pinned()
+    with BlockLoader(blocks, device="cuda") as loader:
+        for i in range(2):
+            got = loader.wait(i, timeout=10)
+            assert got[f"kv.{i}.k"].is_cuda and torch.equal(got[f"kv.{i}.k"].cpu(), blocks[i][f"kv.{i}.k"])
+            loader.release(i)

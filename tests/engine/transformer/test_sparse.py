@@ -16,12 +16,13 @@ def _inputs(model, sequences, seed=0):
     n = (h // 2) * (w // 2)
     g = torch.Generator().manual_seed(seed)
     text = model.text.encode([f"prompt {i}" for i in range(sequences)])
+    device, dtype = model.device, model.dtype
     return dict(
-        latents=torch.randn(sequences, n, tr.config.in_channels, generator=g),
+        latents=torch.randn(sequences, n, tr.config.in_channels, generator=g).to(device, dtype),
         prompt_embeds=text.prompt_embeds, pooled=text.pooled,
-        timestep=torch.rand(sequences, generator=g),  # every sequence at its own timestep
-        txt_ids=text.text_ids, img_ids=image_ids(h, w),
-        guidance=torch.full((sequences,), 3.5) if tr.config.guidance_embeds else None,
+        timestep=torch.rand(sequences, generator=g).to(device),  # every sequence at its own timestep
+        txt_ids=text.text_ids, img_ids=image_ids(h, w, device, dtype),
+        guidance=torch.full((sequences,), 3.5, device=device) if tr.config.guidance_embeds else None,
     )
 
 
@@ -125,3 +126,66 @@ def test_identity_edit_reproduces_the_template_output(small_model, mode):
                       x_full=inputs["latents"] if mode == "y" else None)
     out = sparse_forward(small_model.transformer, step)
     assert (out - full[0, idx]).abs().max().item() < 1e-5
+
+
+def _edit_step(model, mode, sequences, seed):
+    template = _inputs(model, sequences, seed=seed)
+    caches = _template_cache(model, template, mode)
+    edit = _inputs(model, sequences, seed=seed + 1)
+    keep = _random_masks(edit["latents"].shape[1], sequences, seed=seed + 2).to(model.device)
+    edit["latents"] = torch.where(keep[..., None], edit["latents"], template["latents"])
+    index = [k.nonzero().flatten() for k in keep]
+    step = PackedStep(
+        x=torch.cat([edit["latents"][s, idx] for s, idx in enumerate(index)]), token_index=index,
+        prompt_embeds=edit["prompt_embeds"], pooled=edit["pooled"], timestep=edit["timestep"],
+        txt_ids=edit["txt_ids"], img_ids=edit["img_ids"], caches=caches, mode=mode, guidance=edit["guidance"],
+        x_full=edit["latents"] if mode == "y" else None,
+    )
+    return edit, caches, keep, index, step
+
+
+@pytest.mark.parametrize("sequences", [1, 3])
+def test_kv_buffer_path_matches_split_path_and_reference(small_model, sequences, monkeypatch):
+    """The joint key buffer (CUDA's path, varlen kernels need it) and the LSE split (CPU) agree with the oracle."""
+    from instgenie.engine.transformer import sparse
+
+    edit, caches, keep, index, step = _edit_step(small_model, "kv", sequences, seed=20)
+    dense = dense_forward(small_model.transformer, **edit, mode="kv", caches=caches, keep=keep)
+    expected = torch.cat([dense[s, idx] for s, idx in enumerate(index)])
+    split = sparse_forward(small_model.transformer, step)
+    monkeypatch.setattr(sparse, "lse_split_available", lambda device, dtype: False)
+    buffered = sparse_forward(small_model.transformer, step)
+    assert (split - expected).abs().max().item() < 1e-5
+    assert (buffered - expected).abs().max().item() < 1e-5
+
+
+def test_complex_rope_equals_diffusers_rotary_embedding(small_model):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from instgenie.engine.transformer.sparse_blocks import rope, rope_table
+
+    inputs = _inputs(small_model, 1)
+    cos, sin, freqs = rope_table(small_model.transformer, inputs["txt_ids"], inputs["img_ids"])
+    heads, d = 4, small_model.transformer.config.attention_head_dim
+    x = torch.randn(1, cos.shape[0], heads, d)
+    expected = apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+    assert (rope(x[0], freqs.unsqueeze(1)) - expected[0]).abs().max().item() < 1e-6
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["kv", "y"])
+def test_cuda_packed_batch_matches_dense_reference(model_root, mode):
+    """fp32 on the GPU: the segment loop against the same oracle; bf16: the varlen kernel, at bf16 precision."""
+    from instgenie.engine.models.loader import preset_model
+
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        model = preset_model("flux-small", root=model_root, device="cuda", dtype=dtype)
+        edit, caches, keep, index, step = _edit_step(model, mode, 4, seed=30)
+        dense = dense_forward(model.transformer, **edit, mode=mode, caches=caches, keep=keep).float()
+        packed = sparse_forward(model.transformer, step).float()
+        expected = torch.cat([dense[s, idx] for s, idx in enumerate(index)])
+        scale = max(1.0, expected.abs().max().item())
+        assert (packed - expected).abs().max().item() < tolerance * scale, dtype

@@ -1,0 +1,147 @@
+"""Attention of packed sequences: a variable-length kernel on CUDA, and cached/fresh key sets merged by LSE.
+
+Two ways to attend a sequence's queries to [text K/V | template image K/V with the masked rows fresh]:
+
+* **Buffer** (`segment_attention`): build that key buffer per sequence (one copy of the cached rows, the
+  fresh rows written over the stale ones) and run one kernel. On CUDA the packed batch goes through a real
+  variable-length kernel, chosen at run time (`varlen_backend`): torch's own `varlen_attn` (torch >= 2.9),
+  else `flash_attn.flash_attn_varlen_func` when the flash-attn package is installed, else a loop of SDPA
+  calls per sequence (`sdpa-loop`, also the CPU and fp32 path).
+* **Split** (`split_attention`): attend to the cached rows in place, with the stale (masked) rows masked
+  out, and separately to the fresh rows (text + masked image tokens); merge the two by their log-sum-exp.
+  No copy of the cache at all. Needs a kernel that returns the log-sum-exp: on CPU torch's flash kernel
+  does (`lse_split_available`); CUDA keeps the buffer, which its varlen kernel needs anyway.
+
+Both are exact: the split differs from the buffer only by float rounding (tested at 1e-5 in fp32).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch-varlen", "flash-attn", "sdpa-loop")
+
+
+@functools.lru_cache(maxsize=None)
+def _importable(backend: str) -> bool:
+    try:
+        if backend == "torch-varlen":
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        elif backend == "flash-attn":
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+        else:
+            return True
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention kernel packed batches use on this device and dtype (first of BACKENDS that applies)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        for backend in ("torch-varlen", "flash-attn"):
+            if _importable(backend):
+                return backend
+    return "sdpa-loop"
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Every backend that can run here (for tests and the GPU check), best first."""
+    found = []
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        found = [b for b in ("torch-varlen", "flash-attn") if _importable(b)]
+    return found + ["sdpa-loop"]
+
+
+def segment_attention(q: list[torch.Tensor], k: list[torch.Tensor], v: list[torch.Tensor],
+                      backend: str | None = None) -> list[torch.Tensor]:
+    """Attention of each segment's queries over that segment's keys/values only.
+
+    Each list item is one sequence: q (Lq, heads, d), k/v (heads, Lk, d) -- keys/values are kept head-major so
+    the large cached buffers go to the kernel without another copy. Returns (Lq, heads*d) per segment.
+    """
+    if not q:
+        return []
+    backend = backend or varlen_backend(q[0].device, q[0].dtype)
+    if backend == "torch-varlen":
+        return _torch_varlen(q, k, v)
+    if backend == "flash-attn":
+        return _flash_attn_varlen(q, k, v)
+    if backend != "sdpa-loop":
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    out = []
+    for qs, ks, vs in zip(q, k, v):
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1).unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0))
+        out.append(o[0].transpose(0, 1).flatten(1))
+    return out
+
+
+def _packed(q, k, v):
+    """Token-major packed tensors and the cumulative lengths every varlen kernel takes."""
+    device = q[0].device
+    lq = [t.shape[0] for t in q]
+    lk = [t.shape[1] for t in k]
+    cu_q = torch.tensor([0] + lq, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lk, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    keys = torch.cat([t.transpose(0, 1) for t in k])
+    values = torch.cat([t.transpose(0, 1) for t in v])
+    return torch.cat(q), keys, values, cu_q, cu_k, max(lq), max(lk), lq
+
+
+def _torch_varlen(q, k, v):  # pragma: no cover - needs a GPU
+    from torch.nn.attention.varlen import varlen_attn
+
+    query, keys, values, cu_q, cu_k, max_q, max_k, lq = _packed(q, k, v)
+    # positional only: the keyword arguments after max_k differ between torch releases
+    out = varlen_attn(query, keys, values, cu_q, cu_k, max_q, max_k)
+    return [o.flatten(1) for o in out.split(lq)]
+
+
+def _flash_attn_varlen(q, k, v):  # pragma: no cover - needs a GPU and flash-attn
+    from flash_attn import flash_attn_varlen_func
+
+    query, keys, values, cu_q, cu_k, max_q, max_k, lq = _packed(q, k, v)
+    out = flash_attn_varlen_func(query, keys, values, cu_q, cu_k, max_q, max_k)
+    return [o.flatten(1) for o in out.split(lq)]
+
+
+# -- split attention ----------------------------------------------------------------------------------------
+
+def _cpu_lse_op():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def lse_split_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `split_attention` can run here: torch's CPU flash kernel, which also returns the log-sum-exp."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _cpu_lse_op() is not None
+
+
+def stale_mask(n: int, masked: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Additive mask (1, 1, 1, n) hiding the masked rows of a cached key set; None if every row is masked."""
+    if masked.numel() >= n:
+        return None
+    mask = torch.zeros(n, dtype=dtype, device=device)
+    mask[masked] = float("-inf")
+    return mask.view(1, 1, 1, n)
+
+
+def split_attention(q: torch.Tensor, k_fresh: torch.Tensor, v_fresh: torch.Tensor, k_cached: torch.Tensor,
+                    v_cached: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One sequence's attention over fresh rows and cached rows without building a joint key buffer.
+
+    q, k_fresh, v_fresh: (L, heads, d); k_cached, v_cached: (heads, N, d) head-major, as cached; mask: from
+    `stale_mask` (the cached rows that the fresh ones replace), None when no cached row is valid.
+    Returns (Lq, heads * d). softmax over the union = the two partial softmaxes weighted by
+    sigmoid(lse_cached - lse_fresh), their share of the total mass.
+    """
+    op = _cpu_lse_op()
+    qh = q.transpose(0, 1).unsqueeze(0)
+    o_fresh, lse_fresh = op(qh, k_fresh.transpose(0, 1).unsqueeze(0), v_fresh.transpose(0, 1).unsqueeze(0), 0.0, False)
+    if mask is None:
+        return o_fresh[0].transpose(0, 1).flatten(1)
+    o_cached, lse_cached = op(qh, k_cached.unsqueeze(0), v_cached.unsqueeze(0), 0.0, False, attn_mask=mask)
+    weight = torch.sigmoid(lse_cached - lse_fresh).unsqueeze(-1).to(o_fresh.dtype)
+    out = torch.lerp(o_fresh, o_cached, weight)  # o_fresh + w * (o_cached - o_fresh)
+    return out[0].transpose(0, 1).flatten(1)

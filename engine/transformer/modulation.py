@@ -1,0 +1,137 @@
+"""AdaLN modulation of every block, computed once per (prompt, timestep) and kept in a small LRU on the model.
+
+Every Flux block turns the conditioning vector temb (timestep + guidance + pooled prompt) into its shift /
+scale / gate rows with a `[1, hidden] x [hidden, k*hidden]` linear. That reads the whole weight for one row:
+memory-bound, and the same whether 10 % or 100 % of the tokens are computed, so with small masks it is a
+large share of a step (docs/results/engine.md). The rows depend only on temb, so every request at the same
+step of the same schedule with the same prompt (the same template's prompt, a popular prompt) shares them.
+
+Layout: one flat row per sequence holding every block's chunks one after another, so a packed batch gathers
+its rows with one `cat` and each block slices a view. Scale chunks are stored as `1 + scale`, which is what
+the forward multiplies by; the dense forward computes the same `1 + scale`, so results are unchanged bit for
+bit. Rows are keyed by a caller-given key per sequence (see `PackedStep.cond_keys`) together with a stamp of
+the modulation weights, so a replaced or modified weight never serves a stale row.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: default byte budget of one transformer's modulation LRU (FLUX.1 in bf16: about 2.1 MB per prompt and step)
+DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+def _layout(tr) -> list[tuple[torch.nn.Linear, int, tuple[int, ...]]]:
+    """(linear, number of chunks, positions of the scale chunks) per modulation, in forward order.
+
+    Dual blocks: image AdaLayerNormZero then text AdaLayerNormZero, (shift, scale, gate) x (attention, MLP).
+    Single blocks: AdaLayerNormZeroSingle, (shift, scale, gate). Last: AdaLayerNormContinuous, (scale, shift).
+    """
+    out = []
+    for blk in tr.transformer_blocks:
+        out.append((blk.norm1.linear, 6, (1, 4)))
+        out.append((blk.norm1_context.linear, 6, (1, 4)))
+    for blk in tr.single_transformer_blocks:
+        out.append((blk.norm.linear, 3, (1,)))
+    out.append((tr.norm_out.linear, 2, (0,)))
+    return out
+
+
+class ModulationCache:
+    """Per-sequence modulation rows of one transformer, an LRU bounded by bytes."""
+
+    def __init__(self, transformer, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        self.layout = _layout(transformer)
+        self.offsets = [0]
+        for linear, _, _ in self.layout:
+            self.offsets.append(self.offsets[-1] + linear.out_features)
+        self.budget_bytes = budget_bytes
+        self._rows: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def stamp(self) -> tuple:
+        """Identity and version of every modulation weight: a change of either invalidates every row."""
+        return tuple((lin.weight.data_ptr(), lin.weight._version, lin.bias.data_ptr(), lin.bias._version)
+                     for lin, _, _ in self.layout)
+
+    def compute(self, temb: torch.Tensor) -> torch.Tensor:
+        """Rows for temb (S, hidden): (S, total) with `1 + scale` in place of every scale chunk."""
+        act = F.silu(temb)
+        parts = []
+        for linear, chunks, scales in self.layout:
+            emb = linear(act.to(linear.weight.dtype))
+            width = emb.shape[1] // chunks
+            for c in scales:
+                emb[:, c * width:(c + 1) * width] += 1
+            parts.append(emb)
+        return torch.cat(parts, dim=1)
+
+    def rows(self, temb_fn, keys: Sequence[Hashable] | None) -> torch.Tensor:
+        """(S, total) rows; `temb_fn(positions)` gives temb of the listed sequences for the ones not cached."""
+        if keys is None:
+            return self.compute(temb_fn(None))
+        stamp = self.stamp()
+        full = [(stamp, k) for k in keys]
+        with self._lock:
+            found = [self._rows.get(k) for k in full]
+            for k, r in zip(full, found):
+                if r is not None:
+                    self._rows.move_to_end(k)
+        missing = [i for i, r in enumerate(found) if r is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            fresh = self.compute(temb_fn(missing))
+            with self._lock:
+                for j, i in enumerate(missing):
+                    row = fresh[j:j + 1]
+                    found[i] = row
+                    if full[i] not in self._rows:
+                        self._rows[full[i]] = row
+                        self._bytes += row.nbytes
+                while self._bytes > self.budget_bytes and self._rows:
+                    _, old = self._rows.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return found[0] if len(found) == 1 else torch.cat(found)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def modulation_cache(transformer) -> ModulationCache:
+    """The transformer's own cache, created on first use (kept in its __dict__, never in its state_dict)."""
+    cache = transformer.__dict__.get("_instgenie_modulation")
+    if cache is None:
+        cache = transformer.__dict__.setdefault("_instgenie_modulation", ModulationCache(transformer))
+    return cache
+
+
+class Modulation:
+    """Per-block views into the rows of one packed batch."""
+
+    def __init__(self, cache: ModulationCache, rows: torch.Tensor):
+        self.rows = rows
+        self._views = [rows[:, a:b] for a, b in zip(cache.offsets, cache.offsets[1:])]
+
+    def dual(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and text rows of dual block j, each (S, 6 * hidden)."""
+        return self._views[2 * j], self._views[2 * j + 1]
+
+    def single(self, num_dual: int, j: int) -> torch.Tensor:
+        return self._views[2 * num_dual + j]
+
+    def final(self) -> torch.Tensor:
+        """(S, 2 * hidden): 1 + scale, then shift."""
+        return self._views[-1]

@@ -1,0 +1,95 @@
+"""Packed attention: the cached/fresh split merged by log-sum-exp and the varlen kernels against the segment loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instgenie.engine.transformer.attention import (
+    available_backends, lse_split_available, segment_attention, split_attention, stale_mask, varlen_backend,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked):
+    """Attention over [fresh rows | cached rows except the masked ones], in float64."""
+    keep = torch.ones(k_cached.shape[1], dtype=torch.bool)
+    keep[masked] = False
+    keys = torch.cat([k_fresh.transpose(0, 1), k_cached[:, keep]], dim=1).double()
+    values = torch.cat([v_fresh.transpose(0, 1), v_cached[:, keep]], dim=1).double()
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).double()[None], keys[None], values[None])
+    return out[0].transpose(0, 1).flatten(1)
+
+
+@pytest.mark.parametrize("masked_count", [1, 37, 255, 256])
+def test_split_attention_equals_attention_over_the_union(masked_count):
+    assert lse_split_available(torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(masked_count)
+    heads, n, d, t = 4, 256, 32, 7
+    masked = torch.randperm(n, generator=g)[:masked_count].sort().values
+    q = torch.randn(t + masked_count, heads, d, generator=g)
+    k_fresh = torch.randn(t + masked_count, heads, d, generator=g)
+    v_fresh = torch.randn(t + masked_count, heads, d, generator=g)
+    k_cached = torch.randn(heads, n, d, generator=g) * 3  # larger logits: the merge weights are far from 0.5
+    v_cached = torch.randn(heads, n, d, generator=g)
+    mask = stale_mask(n, masked, torch.float32, torch.device("cpu"))
+    assert (mask is None) == (masked_count == n)  # every cached row replaced: nothing to attend to there
+    out = split_attention(q, k_fresh, v_fresh, k_cached, v_cached, mask)
+    expected = _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked)
+    assert out.shape == (t + masked_count, heads * d)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_stale_rows_never_leak_into_the_split():
+    """A huge value in a stale cached row would dominate if the mask let it through."""
+    heads, n, d = 2, 16, 8
+    q = torch.randn(5, heads, d)
+    k_fresh, v_fresh = torch.randn(5, heads, d), torch.randn(5, heads, d)
+    k_cached, v_cached = torch.randn(heads, n, d), torch.randn(heads, n, d)
+    masked = torch.tensor([3, 9])
+    k_cached[:, masked] = q.mean(0).unsqueeze(1) * 100
+    v_cached[:, masked] = 1e6
+    out = split_attention(q, k_fresh, v_fresh, k_cached, v_cached, stale_mask(n, masked, torch.float32, q.device))
+    assert out.abs().max().item() < 100
+    expected = _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_cpu_selects_the_segment_loop_and_refuses_unknown_backends():
+    assert varlen_backend(torch.device("cpu"), torch.bfloat16) == "sdpa-loop"
+    assert available_backends(torch.device("cpu"), torch.float32) == ["sdpa-loop"]
+    q = [torch.randn(3, 2, 4)]
+    k = [torch.randn(2, 5, 4)]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        segment_attention(q, k, k, backend="nope")
+
+
+def _segments(device, dtype, lengths_q=(5, 130, 1), lengths_k=(40, 300, 17), heads=4, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = [torch.randn(lq, heads, d, generator=g).to(device, dtype) for lq in lengths_q]
+    k = [torch.randn(heads, lk, d, generator=g).to(device, dtype) for lk in lengths_k]
+    v = [torch.randn(heads, lk, d, generator=g).to(device, dtype) for lk in lengths_k]
+    return q, k, v
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_varlen_kernels_match_the_segment_loop(dtype):
+    device = torch.device("cuda")
+    q, k, v = _segments(device, dtype)
+    expected = segment_attention(q, k, v, backend="sdpa-loop")
+    backends = available_backends(device, dtype)
+    assert varlen_backend(device, dtype) == backends[0]
+    for backend in backends:
+        out = segment_attention(q, k, v, backend=backend)
+        for o, e in zip(out, expected):
+            assert o.shape == e.shape
+            # both are half-precision kernels with float accumulation: equal to a few half-precision ulps
+            assert (o.float() - e.float()).abs().max().item() < 2e-2, backend
+
+
+@cuda
+def test_cuda_has_a_real_varlen_kernel():
+    """torch's own varlen kernel (torch >= 2.9) or flash-attn: the packed batch is one kernel, not a loop."""
+    assert varlen_backend(torch.device("cuda"), torch.bfloat16) in ("torch-varlen", "flash-attn")

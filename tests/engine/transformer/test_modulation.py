@@ -1,0 +1,100 @@
+"""AdaLN modulation rows: shared across calls by key, never stale, bounded, and keyed exactly per request."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from instgenie.engine.step import cond_digest
+from instgenie.engine.transformer.modulation import ModulationCache, modulation_cache
+from instgenie.engine.transformer.sparse import sparse_forward
+from instgenie.engine.transformer.synthetic import synthetic_step
+
+
+@pytest.fixture(scope="module")
+def step(small_model):
+    return synthetic_step(small_model, 3, 0.2, "kv", seed=11)
+
+
+def test_shared_rows_give_the_same_output_and_are_reused(small_model, step):
+    tr = small_model.transformer
+    cache = modulation_cache(tr)
+    fresh = sparse_forward(tr, step.packed())
+    hits, misses = cache.hits, cache.misses
+    first = sparse_forward(tr, step.packed(shared_modulation=True))
+    again = sparse_forward(tr, step.packed(shared_modulation=True))
+    assert (cache.misses - misses, cache.hits - hits) == (3, 3)  # three sequences computed once, then reused
+    assert torch.equal(first, fresh) and torch.equal(again, fresh)
+
+
+def test_rows_hold_one_plus_scale_and_match_the_blocks_own_linears(small_model):
+    tr = small_model.transformer
+    cache = ModulationCache(tr)
+    temb = torch.randn(2, tr.inner_dim)
+    rows = cache.compute(temb)
+    assert rows.shape == (2, cache.offsets[-1])
+    emb = tr.transformer_blocks[0].norm1.linear(torch.nn.functional.silu(temb))
+    shift, scale, gate = emb.chunk(6, dim=1)[:3]
+    c = tr.inner_dim
+    assert torch.equal(rows[:, :c], shift) and torch.equal(rows[:, c:2 * c], 1 + scale)
+    assert torch.equal(rows[:, 2 * c:3 * c], gate)
+    last = tr.norm_out.linear(torch.nn.functional.silu(temb))
+    assert torch.equal(rows[:, -2 * c:-c], 1 + last[:, :c]) and torch.equal(rows[:, -c:], last[:, c:])
+
+
+def test_a_modified_weight_invalidates_the_rows(small_model):
+    tr = small_model.transformer
+    cache = ModulationCache(tr)
+    temb = torch.randn(1, tr.inner_dim)
+    before = cache.rows(lambda rows: temb, ["k"])
+    weight = tr.single_transformer_blocks[0].norm.linear.weight
+    with torch.no_grad():
+        weight.mul_(2)
+    try:
+        after = cache.rows(lambda rows: temb, ["k"])
+        assert cache.misses == 2 and not torch.equal(before, after)
+    finally:
+        with torch.no_grad():
+            weight.div_(2)
+
+
+def test_lru_is_bounded_by_bytes_and_mixes_hits_with_misses(small_model):
+    tr = small_model.transformer
+    temb = {k: torch.randn(1, tr.inner_dim, generator=torch.Generator().manual_seed(i)) for i, k in enumerate("abc")}
+    probe = ModulationCache(tr)
+    row_bytes = probe.compute(temb["a"]).nbytes
+    cache = ModulationCache(tr, budget_bytes=2 * row_bytes)
+    for k in "abc":
+        cache.rows(lambda rows, k=k: temb[k], [k])
+    assert len(cache) == 2  # "a", the least recently used, went
+    asked = []
+    rows = cache.rows(lambda rows: (asked.append(rows), torch.cat([temb[k] for k in "ba"])[rows])[1], ["b", "a"])
+    assert asked == [[1]]  # only "a" was computed
+    expected = probe.compute(torch.cat([temb["b"], temb["a"]]))
+    assert (rows - expected).abs().max().item() < 1e-6
+
+
+def test_cond_keys_must_match_the_sequences(small_model, step):
+    packed = step.packed()
+    packed.cond_keys = ["only one"]
+    with pytest.raises(ValueError, match="cond_keys"):
+        sparse_forward(small_model.transformer, packed)
+
+
+def _state(pooled, timesteps, guidance=None):
+    text = SimpleNamespace(pooled=pooled, prompt_embeds=torch.zeros(pooled.shape[0], 1, 1))
+    return SimpleNamespace(text=text, timesteps=timesteps, guidance=guidance, cond_digest=None,
+                           branches=pooled.shape[0])
+
+
+def test_request_digest_follows_prompt_schedule_and_guidance():
+    pooled = torch.randn(2, 8)
+    steps = torch.linspace(1000, 100, 4)
+    base = cond_digest(_state(pooled, steps, torch.tensor([3.5])))
+    assert len(base) == 2 and base[0] != base[1]  # branches differ (unconditional / conditional prompt)
+    assert cond_digest(_state(pooled.clone(), steps.clone(), torch.tensor([3.5]))) == base
+    assert cond_digest(_state(pooled + 1e-3, steps, torch.tensor([3.5])))[0] != base[0]
+    assert cond_digest(_state(pooled, torch.linspace(1000, 100, 5), torch.tensor([3.5])))[0] != base[0]
+    assert cond_digest(_state(pooled, steps, torch.tensor([4.0])))[0] != base[0]
+    assert cond_digest(_state(pooled, steps))[0] != base[0]
