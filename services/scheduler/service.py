@@ -81,10 +81,12 @@ def _connect(address: str):
 
 
 def _fingerprint(request: pb.EditRequest) -> bytes:
-    """What makes two edits the same edit: every input, but not how often the caller wants progress."""
+    """What makes two edits the same edit: every input, but not how often the caller wants progress or
+    previews (a retry may come from a unary Edit or a StreamEdit and still be the same edit)."""
     same = pb.EditRequest()
     same.CopyFrom(request)
     same.edit.progress_interval_ms = 0
+    same.edit.preview_every_steps = 0
     same.tenant_max_in_flight = 0
     return hashlib.sha256(same.SerializeToString(deterministic=True)).digest()
 
