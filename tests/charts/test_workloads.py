@@ -194,3 +194,15 @@ def test_every_instgenie_variable_is_a_flag_the_service_parses(values, component
     if component != "scheduler":
         assert args.s3_endpoint == env["INSTGENIE_S3_ENDPOINT"] and args.s3_access_key == "secret-value-0123"
         assert args.s3_secure is (values == "external-minio")
+
+
+def test_the_gateway_serves_http_by_default_and_can_drop_it():
+    manifests = render()
+    c = container(find(manifests, "Deployment", "-gateway"))
+    assert env_of(c)["INSTGENIE_HTTP_LISTEN"]["value"] == "0.0.0.0:8080"
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+    service = find(manifests, "Service", "-gateway")
+    assert any(p["name"] == "http" and p["port"] == 8080 for p in service["spec"]["ports"])
+    off = render(None, "gateway.http.enabled=false")
+    assert "INSTGENIE_HTTP_LISTEN" not in env_of(container(find(off, "Deployment", "-gateway")))
+    assert all(p["name"] != "http" for p in find(off, "Service", "-gateway")["spec"]["ports"])
