@@ -90,5 +90,14 @@ bench-serving: install
 bench-mesh: install
 	$(BIN)/python -m loadtest.mesh_bench --json out/mesh_bench.json --md out/mesh_bench.md
 
+## gpu-check: the real-scale check (CUDA tests, engine, cache streaming, serving at FLUX.1 size) on a CUDA machine, the
+## tiny config elsewhere. No install step: on a GPU box it runs on that box's torch (docs/results/gpu.md).
+.PHONY: gpu-check
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_OUT    ?= out/gpu
+GPU_PART   ?= all
+gpu-check:
+	$(GPU_PYTHON) -m loadtest.gpu_check --out $(GPU_OUT) --part $(GPU_PART)
+
 clean:
 	rm -rf $(VENV) out .pytest_cache .tools

@@ -22,12 +22,11 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .attention import lse_split_available, stale_mask
 from .cache_view import BlockCache
 from .modulation import Modulation, modulation_cache
-from .sparse_blocks import Packed, block_full, dual_block, rope_table, single_block
+from .sparse_blocks import Packed, block_full, dual_block, linear, modulated, rope_table, single_block
 
 
 @dataclass
@@ -74,8 +73,8 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
     pack = Packed(step.token_index, n_txt, freqs, step.caches, step.mode, device)
 
     # Embeddings, exactly as FluxTransformer2DModel.forward computes them.
-    h_img = tr.x_embedder(step.x)
-    txt = tr.context_embedder(step.prompt_embeds)
+    h_img = linear(tr.x_embedder, step.x)
+    txt = linear(tr.context_embedder, step.prompt_embeds)
     cache = modulation_cache(tr)
     mod = Modulation(cache, cache.rows(lambda rows: _temb(tr, step, dtype, rows), step.cond_keys))
     if step.mode == "kv" and lse_split_available(device, dtype):
@@ -86,7 +85,7 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
     if step.mode == "y":
         if step.x_full is None:
             raise ValueError("Y mode needs x_full, the inputs of every image token")
-        full_in = tr.x_embedder(step.x_full)
+        full_in = linear(tr.x_embedder, step.x_full)
 
     temb = None  # the raw conditioning vector, only for blocks computed in full by the stock module
     for j, block in enumerate(tr.transformer_blocks):
@@ -114,9 +113,8 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
 
     # AdaLayerNormContinuous: rows are (1 + scale, shift).
     scale1, shift = pack.per_token(mod.final()).chunk(2, dim=1)
-    norm = tr.norm_out.norm
-    h_img = torch.addcmul(shift, F.layer_norm(h_img, norm.normalized_shape, norm.weight, norm.bias, norm.eps), scale1)
-    return tr.proj_out(h_img)
+    h_img = modulated(tr.norm_out.norm, h_img, shift, scale1)
+    return linear(tr.proj_out, h_img)
 
 
 def _temb(tr, step: PackedStep, dtype: torch.dtype, rows: list[int] | None) -> torch.Tensor:
