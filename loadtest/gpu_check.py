@@ -21,9 +21,11 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import torch
+from . import gpu_bootstrap  # noqa: F401 - first: instgenie.engine importable from a bare checkout
 
-from .gpu_models import CONFIGS, device_info
+import torch  # noqa: E402
+
+from .gpu_models import CONFIGS, device_info  # noqa: E402
 
 PARTS = ("tests", "engine", "pipeline", "serving")
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,27 +45,30 @@ COMMON_FIELDS = ("part", "ok", "config", "device", "started", "seconds", "error"
 
 
 def run_tests(cfg, out: Path, log=print) -> dict:
-    """pytest on the CUDA-guarded tests (-k cuda), in a child process; outcomes read from its JUnit XML."""
-    junit = out / "tests.junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", f"--junitxml={junit}",
-           f"--basetemp={out / 'pytest-tmp'}", *CUDA_TEST_FILES]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    """pytest on the CUDA-guarded tests (-k cuda), in a child process; outcomes read from its JUnit XML.
+
+    `cmd` lists the test files for the record; the result keeps every test's outcome, so the XML is not kept."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-tests-") as tmp:
+        junit = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "loadtest.gpu_bootstrap",
+               "-k", "cuda", f"--junitxml={junit}", f"--basetemp={Path(tmp) / 'pytest'}", *CUDA_TEST_FILES]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        cases = list(ET.parse(junit).getroot().iter("testcase")) if junit.exists() else []
     tests = []
-    if junit.exists():
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    outcome, message = ("failed" if tag == "failure" else tag), (node.get("message") or "")[:300]
-            tests.append({"name": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                          "seconds": float(case.get("time", 0)), "message": message})
+    for case in cases:
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome, message = ("failed" if tag == "failure" else tag), (node.get("message") or "")[:300]
+        tests.append({"name": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
+                      "seconds": float(case.get("time", 0)), "message": message})
     counts = {k + "s" if k == "error" else k: sum(t["outcome"] == k for t in tests)
               for k in ("passed", "failed", "error", "skipped")}
     log(f"tests: {counts}")
-    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, **counts, "tests": tests,
-            "all_ran": counts["skipped"] == 0 and bool(tests),
+    return {"command": " ".join(cmd[1:]).replace(tmp, "$TMP"), "returncode": proc.returncode, **counts,
+            "tests": tests, "all_ran": counts["skipped"] == 0 and bool(tests),
             "output_tail": (proc.stdout + proc.stderr)[-3000:],
             "passed_ok": proc.returncode == 0 and counts["failed"] == 0 and counts["errors"] == 0}
 

@@ -132,3 +132,21 @@ def test_flux1_is_refused_without_cuda(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", str(tmp_path), "--config", "flux1"])
+
+
+def test_bootstrap_imports_the_engine_from_a_bare_checkout():
+    """As on a GPU box: the dependencies on PYTHONPATH, this project not installed (no editable-install hook)."""
+    import site
+    import sys
+
+    paths = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    code = ("import loadtest.gpu_bootstrap as b, instgenie.engine.transformer.sparse as sp\n"
+            "print(sp.__file__)\nprint(b.ensure_importable())\n")
+    probe = subprocess.run([sys.executable, "-S", "-c", "import instgenie.engine"], cwd=ROOT, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
+    assert probe.returncode != 0 and "instgenie.engine" in probe.stderr  # really bare: the hook is not active
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    module_file, again = proc.stdout.split()
+    assert Path(module_file) == ROOT / "engine" / "transformer" / "sparse.py" and again == "False"
