@@ -144,7 +144,9 @@ def qk_rope(norm_q, norm_k, qk: torch.Tensor, freqs: torch.Tensor, head_dim: int
     Same arithmetic as `rope(norm_q(q))` and `rope(norm_k(k))` (RMSNorm = normalise, then scale by the weight);
     freqs broadcastable to (..., 1, head_dim / 2). Returns (q, k), each (..., heads, head_dim).
     """
-    weight = _qk_weight(norm_q, norm_k)
+    # Joint only in fp32: in half precision the norm's own weight multiply is fused into its kernel (one
+    # rounding), which the joint pass would split in two.
+    weight = _qk_weight(norm_q, norm_k) if qk.dtype == torch.float32 else None
     if weight is None:
         q, k = qk.chunk(2, dim=-1)
         return rope(_rms(norm_q, _heads(q, head_dim)), freqs), rope(_rms(norm_k, _heads(k, head_dim)), freqs)
