@@ -3,11 +3,13 @@
     instgenie profile --model flux-small --threads 1 --out var/profiles/flux-small.json [--s3-endpoint ...]
 
 Compute: the real `Editor.step` (the engine loop's step: cache reads, packed sparse forward, scheduler step,
-inpaint blend) over a grid of batch size x masked tokens per request x cache mode, each cell the median of
-`--repeats` steps after a warm-up; fitted as seconds = a * FLOPs(batch) + c * requests + b (FLOPs from
-engine/flops.py, guidance branches included; c is the step loop's per-request work, see
-services/scheduler/profile.py; the plain a * FLOPs + b fit is reported beside it). Transfers: step-shard-shaped blobs of a range of sizes read from the object store
-the way a worker reads them (get, sha256, safetensors parse), and host -> device copies (CUDA: pinned, non
+inpaint blend) over a grid of batch size x masked tokens per request x cache mode, each cell the fastest
+(`--statistic min`, default) or the median of `--repeats` consecutive steps after a warm-up (consecutive, as
+the engine loop steps one batch again and again with warm CPU caches; interleaving the cells measured a lower
+R² on the digits model); fitted as seconds = a * FLOPs(batch) + c * requests + b (FLOPs from engine/flops.py,
+guidance branches included; c is the step loop's per-request work, see services/scheduler/profile.py; the
+plain a * FLOPs + b fit is reported beside it). Transfers: step-shard-shaped blobs of a range of sizes read from the
+object store the way a worker reads them (get, sha256, safetensors parse), and host -> device copies (CUDA: pinned, non
 blocking, synchronised). A CPU worker has no device link: it reads caches in host memory in place, so the
 profile records no host -> device transfer unless `--link-bandwidth` models one (as engine/pipeline.py's
 BandwidthModel does); the host memcpy rate is measured and kept as a detail either way.
@@ -39,8 +41,12 @@ def add_parser(commands, common: argparse.ArgumentParser | None = None) -> argpa
     p.add_argument("--masks", default="0.05,0.15,0.3,0.6,1.0",
                    help="masked share of the image tokens per request, for the grid")
     p.add_argument("--modes", default="kv,y", help="cache modes of the grid")
-    p.add_argument("--repeats", type=int, default=7, help="timed steps per cell (the median is kept)")
+    p.add_argument("--repeats", type=int, default=9, help="timed steps per cell (the median is kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per cell")
+    p.add_argument("--statistic", default="min", choices=["min", "median"],
+                   help="per cell: the fastest of the timed steps (the device's own speed, robust to other work on "
+                        "the machine; the scheduler's online correction follows the speed it actually gets) or "
+                        "their median")
     p.add_argument("--transfer-sizes", default="0.125,0.25,0.5,1,2,4,8,16",
                    help="blob sizes in MiB for the transfer fits")
     p.add_argument("--transfer-repeats", type=int, default=3)
@@ -165,7 +171,7 @@ def measure_compute(editor, batches: list[int], masks: list[float], modes: list[
                 post.append(time.perf_counter() - t0)
                 flops = batch * request_flops(shape, tokens, mode)
                 cells.append({"mode": mode, "batch": batch, "tokens": tokens, "flops": flops,
-                              "seconds": statistics.median(times), "min_seconds": min(times)})
+                              "median_seconds": statistics.median(times), "min_seconds": min(times)})
                 if progress:
                     progress(cells[-1])
     return {"shape": shape, "cells": cells, "pre_seconds": statistics.median(pre),
@@ -301,6 +307,7 @@ def profile(args, progress=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = (preset_model(args.model, root=args.models_dir, device=device) if args.model in PRESETS
              else load_model(args.model, device=device))
+    loadavg = os.getloadavg()[0]  # other work on the machine while measuring, kept with the profile
     with tempfile.TemporaryDirectory(prefix="instgenie-profile-") as tmp:
         blobs, where = _open_blobs(args, tmp)
         started = time.time()
@@ -308,6 +315,8 @@ def profile(args, progress=None):
         compute = measure_compute(editor, [int(b) for b in _floats(args.batches)], _floats(args.masks),
                                   [m.strip() for m in args.modes.split(",") if m.strip()], args.repeats,
                                   args.warmup, progress)
+        for cell in compute["cells"]:
+            cell["seconds"] = cell[f"{args.statistic}_seconds"]
         sizes = _floats(args.transfer_sizes)
         store_points = measure_store(blobs, sizes, args.transfer_repeats)
         copy_points = measure_copy(device, sizes, args.transfer_repeats)
@@ -315,6 +324,8 @@ def profile(args, progress=None):
         if close:
             close()
     details = {"device": device, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "statistic": args.statistic, "repeats": args.repeats,
+               "loadavg_before_after": [loadavg, os.getloadavg()[0]],
                "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "store": where,
                "measured_seconds": round(time.time() - started, 1),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -329,7 +340,8 @@ def report(profile) -> str:
              f"compute  = {profile.compute_a:.4e} s/FLOP x FLOPs + {profile.compute_c * 1e3:.3f} ms x requests + "
              f"{profile.compute_b * 1e3:.3f} ms   (R² = {profile.compute_r2:.4f}, RMSE {cf['rmse_seconds'] * 1e3:.3f} "
              f"ms, worst residual {100 * cf['max_rel_residual']:.1f} %, {cf['points']} cells, "
-             f"{d['torch_threads']} torch threads)",
+             f"{d['torch_threads']} torch threads, {d['statistic']} of {d.get('repeats', '?')} steps per cell, "
+             f"load average {d['loadavg_before_after'][0]:.2f} before / {d['loadavg_before_after'][1]:.2f} after)",
              f"           = {1 / profile.compute_a / 1e9:.2f} GFLOP/s effective" if profile.compute_a > 0 else "",
              f"a * FLOPs + b alone: {plain['a']:.4e} s/FLOP x FLOPs + {plain['b'] * 1e3:.3f} ms   "
              f"(R² = {plain['r2']:.4f}, worst residual {100 * plain['max_rel_residual']:.1f} %)",
@@ -358,8 +370,8 @@ def report(profile) -> str:
 
 def run(args) -> int:
     def progress(cell):
-        print(f"  {cell['mode']} batch {cell['batch']} tokens {cell['tokens']}: {cell['seconds'] * 1e3:.2f} ms",
-              file=sys.stderr)
+        print(f"  {cell['mode']} batch {cell['batch']} tokens {cell['tokens']}: {cell['min_seconds'] * 1e3:.2f} ms "
+              f"(median {cell['median_seconds'] * 1e3:.2f})", file=sys.stderr)
 
     from instgenie.engine.errors import InstGenIEError
 

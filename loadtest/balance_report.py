@@ -41,19 +41,21 @@ def markdown(result: dict) -> str:
     lines = [f"Model {c['model']} ({c['steps']} steps), 2 CPU workers x 1 torch thread, max batch "
              f"{c['max_batch_size']}; {c['templates']} templates (Zipf {c['zipf']:g}) of {c['template_cache_mb']:.2f} MB, "
              f"host memory {c['host_cache_mb']:.1f} MB per worker ({c['host_templates']:g} templates); "
-             f"{c['dist']} masks; Poisson arrivals for {c['duration']:g} s per run, drain <= {c['drain']:g} s; "
+             f"{c['dist']} masks; Poisson arrivals for {c['duration']:g} s per run, {c.get('rounds', 1)} traces per load "
+             f"(latencies pooled), drain <= {c['drain']:g} s; "
              f"capacity (least-requests burst) {c['capacity_rps']:.2f} req/s; profile `{c['profile_id']}` "
              f"(compute R² {c['profile_r2']:.4f}); {c['wall_seconds']} s in all.", "",
              "| load | rate (req/s) | policy | completed | failed | unfinished | throughput (req/s) | mean (s) "
-             "| P50 (s) | P95 (s) | P99 (s) | cache hit | prediction MAPE | worker speeds | sustained |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| P50 (s) | P95 (s) | P95 per round (s) | P99 (s) | cache hit | prediction MAPE | worker speeds | machine load | sustained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["runs"], key=lambda r: (r["load"], r["policy"])):
         speeds = ", ".join(f"{v:.2f}" for v in r["speeds"].values())
         lines.append(f"| {r['load']:.0%} | {r['rate']:.1f} | {r['policy']} | {r['completed']}/{r['offered']} "
                      f"| {r['failed']} | {r['unfinished']} | {r['throughput_rps']:.1f} | {_f(r['latency_mean'])} "
-                     f"| {_f(r['latency_p50'])} | **{_f(r['latency_p95'])}** | {_f(r['latency_p99'])} "
+                     f"| {_f(r['latency_p50'])} | **{_f(r['latency_p95'])}** "
+                     f"| {', '.join(_f(x, '.2f') for x in r.get('round_p95', []))} | {_f(r['latency_p99'])} "
                      f"| {r['hit_ratio']:.0%} | {100 * r['prediction_mape']:.0f} % | {speeds} "
-                     f"| {'yes' if r['sustained'] else 'no'} |")
+                     f"| {r.get('loadavg_1min', float('nan')):.1f} | {'yes' if r['sustained'] else 'no'} |")
     lines += ["", "Headline: " + result.get("headline", headline(result))["text"]]
     return "\n".join(lines)
 

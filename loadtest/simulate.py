@@ -68,7 +68,7 @@ class SimConfig:
     slow_share: float = 0.0
     correction: bool = True
     warm: bool = True
-    affinity_slack: float = 0.0
+    affinity_slack: float = 0.25
     seed: int = 0
     #: a client refused (every worker full) retries after this many seconds
     retry_after: float = 0.5
@@ -291,7 +291,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--slow-factor", type=float, default=1.5, help="how much slower those are")
     ap.add_argument("--ablations", action="store_true",
                     help="also run predicted-finish without the warm planner and without the speed correction")
-    ap.add_argument("--affinity-slack", type=float, default=0.0)
+    ap.add_argument("--affinity-slack", type=float, default=0.25, help="as the scheduler's --affinity-slack")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="out/simulation.json")
     ap.add_argument("--md", default="out/simulation.md")

@@ -14,7 +14,7 @@ def test_balance_bench_runs_every_policy_on_the_same_trace_and_writes_its_output
     out = tmp_path / "out"
     rc = balance_bench.main([
         "--quick-profile", "--templates", "4", "--host-templates", "2", "--loads", "0.3", "--duration", "3",
-        "--drain", "20", "--burst", "16", "--workdir", str(tmp_path / "work"), "--json", str(out / "b.json"),
+        "--drain", "20", "--burst", "16", "--rounds", "1", "--workdir", str(tmp_path / "work"), "--json", str(out / "b.json"),
         "--md", str(out / "b.md"), "--plots", str(out)])
     assert rc == 0
     result = json.loads((out / "b.json").read_text())
