@@ -7,9 +7,10 @@ and its cache transfers over a range of sizes, then fits by least squares
     transfer = bytes / bandwidth + latency            object store -> host memory, and host memory -> device
 
 and writes a JSON file. The per-request term c is the issue's `a * FLOPs + b` made honest: the step loop does
-per-request work (scheduler step, inpaint blend, cache lookup) that FLOPs do not count; on the digits model it
-takes R² from 0.94 to 0.995. The two-term fit is kept in the profile's details for comparison. The scheduler loads profiles (`--profile`) and predicts each worker's time with the one
-the worker announces (`WorkerInfo.profile` = `Profile.profile_id`). Pure Python: the scheduler imports it
+per-request work (scheduler step, inpaint blend, cache lookup) that FLOPs do not count, and it dominates on
+small models (docs/results/profile.md has both fits). The two-term fit is kept in the profile's details for
+comparison. The scheduler loads profiles (`--profile`) and predicts each worker's time with the one the worker
+announces (`WorkerInfo.profile` = `Profile.profile_id`). Pure Python: the scheduler imports it
 without torch or numpy.
 """
 from __future__ import annotations
