@@ -7,6 +7,8 @@
    each and of the per-edit difference.
 2. The mesh alone, with the stand-in engine whose denoising steps take no time (`--engine instant`): sequential
    latency beside the same stand-in in process, then the requests/s ceiling at several client concurrencies.
+3. Where the added time goes: the same stand-in edits sent straight to the worker, to the scheduler (with the
+   request the gateway would build) and to the gateway, alternately; each hop's cost is a difference of p50s.
 Everything runs on this machine, so the mesh's four processes and the client share its cores; target: <= 5 ms
 p50 added per edit.
 """
@@ -28,6 +30,10 @@ import numpy as np
 
 from instgenie.gateway.v1 import edit_service_pb2 as pb
 from instgenie.gateway.v1 import edit_service_pb2_grpc as pb_grpc
+from instgenie.scheduler.v1 import scheduler_service_pb2 as spb
+from instgenie.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
+from instgenie.worker.v1 import worker_service_pb2 as wpb
+from instgenie.worker.v1 import worker_service_pb2_grpc as wpb_grpc
 from instgenie.services.local.mesh import LocalMesh, MeshConfig
 
 TENANT, KEY = "bench", "bench-key-0123456789"
@@ -128,7 +134,7 @@ def paired(engine: str, edits: int, workdir: Path) -> dict:
 async def _hammer(address: str, template_id: str, mask_png: bytes, concurrency: int, seconds: float) -> dict:
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.EditServiceStub(ch)
-        latencies, errors = [], 0
+        latencies, errors = [], {}
         end = time.perf_counter() + seconds
         counter = itertools.count()
 
@@ -141,14 +147,14 @@ async def _hammer(address: str, template_id: str, mask_png: bytes, concurrency: 
                                                    seed=next(counter), request_id=uuid.uuid4().hex),
                                     metadata=MD, timeout=60)
                     latencies.append(time.perf_counter() - t0)
-                except grpc.aio.AioRpcError:
-                    errors += 1
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests_per_second": len(latencies) / elapsed, "errors": errors,
-            **summary(latencies)}
+    return {"concurrency": concurrency, "requests_per_second": len(latencies) / elapsed,
+            "errors": sum(errors.values()), "errors_by_status": errors, **summary(latencies)}
 
 
 def ceiling(concurrencies: list[int], seconds: float, workdir: Path) -> list[dict]:
@@ -163,6 +169,58 @@ def ceiling(concurrencies: list[int], seconds: float, workdir: Path) -> list[dic
         mesh.stop()
 
 
+def _until_result(call) -> None:
+    for msg in call:
+        event = msg.worker_event if isinstance(msg, spb.EditResponse) else msg
+        if isinstance(msg, spb.EditResponse) and msg.WhichOneof("event") != "worker_event":
+            continue
+        if event.WhichOneof("event") == "result":
+            return
+    raise RuntimeError("the stream ended without a result")
+
+
+def hops(edits: int, workdir: Path) -> dict:
+    """Sequential stand-in edits straight to the worker, to the scheduler and to the gateway, interleaved."""
+    template, mask, template_png, mask_png = inputs()
+    mesh = start_mesh(workdir / "mesh-hops", "instant")
+    times: dict[str, list[float]] = {"worker": [], "scheduler": [], "gateway": []}
+    try:
+        with grpc.insecure_channel(mesh.gateway.address) as gch, \
+                grpc.insecure_channel(mesh.scheduler.address) as sch, \
+                grpc.insecure_channel(mesh.workers[0].address) as wch:
+            gateway = pb_grpc.EditServiceStub(gch)
+            scheduler = spb_grpc.SchedulerServiceStub(sch)
+            worker = wpb_grpc.WorkerServiceStub(wch)
+            template_id = create_template(gateway, template_png)
+            tpl = gateway.GetTemplate(pb.GetTemplateRequest(template_id=template_id), metadata=MD, timeout=10).template
+            tokens = int((mask > 0).sum())  # one token per pixel on the digits model (patch 1, latent /1)
+
+            def job(i: int, hop: str) -> wpb.EditRequest:
+                return wpb.EditRequest(request_id=f"{TENANT}-{hop}-{i}", template_id=template_id, mask=mask_png,
+                                       prompt="8", seed=i, steps=tpl.steps, tenant=TENANT, progress_interval_ms=1000)
+
+            for i in range(edits + 5):  # the first 5 of each warm up
+                t0 = time.perf_counter()
+                _until_result(worker.Edit(job(i, "w"), timeout=60))
+                t1 = time.perf_counter()
+                _until_result(scheduler.Edit(spb.EditRequest(
+                    edit=job(i, "s"), tenant=TENANT, model=tpl.model, masked_tokens=tokens,
+                    cache_bytes=tpl.cache_bytes, steps=tpl.steps), timeout=60))
+                t2 = time.perf_counter()
+                gateway.Edit(pb.EditRequest(template_id=template_id, mask=mask_png, prompt="8", seed=i,
+                                            request_id=f"g-{i}"), metadata=MD, timeout=60)
+                t3 = time.perf_counter()
+                if i >= 5:
+                    for hop, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                        times[hop].append(dt)
+    finally:
+        mesh.stop()
+    out = {hop: summary(ts) for hop, ts in times.items()}
+    out["scheduler_hop_p50_ms"] = out["scheduler"]["p50_ms"] - out["worker"]["p50_ms"]
+    out["gateway_hop_p50_ms"] = out["gateway"]["p50_ms"] - out["scheduler"]["p50_ms"]
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = ["| engine | in process p50 / p95 (ms) | through the mesh p50 / p95 (ms) | added p50 / p95 (ms) |",
              "|---|---|---|---|"]
@@ -172,8 +230,16 @@ def markdown(result: dict) -> str:
                      f"**{row['added']['p50_ms']:.2f}** / {row['added']['p95_ms']:.2f} |")
     lines += ["", "| client concurrency | edits/s | p50 (ms) | p95 (ms) | errors |", "|---|---|---|---|---|"]
     for row in result["ceiling"]:
+        errors = ", ".join(f"{n} {code}" for code, n in sorted(row["errors_by_status"].items())) or "0"
         lines.append(f"| {row['concurrency']} | {row['requests_per_second']:.0f} | {row['p50_ms']:.1f} | "
-                     f"{row['p95_ms']:.1f} | {row['errors']} |")
+                     f"{row['p95_ms']:.1f} | {errors} |")
+    if "hops" in result:
+        h = result["hops"]
+        lines += ["", "| stand-in edit sent to | p50 (ms) | p95 (ms) |", "|---|---|---|"]
+        lines += [f"| {hop} | {h[hop]['p50_ms']:.2f} | {h[hop]['p95_ms']:.2f} |" for hop in ("worker", "scheduler",
+                                                                                            "gateway")]
+        lines += ["", f"Scheduler hop {h['scheduler_hop_p50_ms']:.2f} ms, gateway hop {h['gateway_hop_p50_ms']:.2f} ms "
+                  "(differences of p50s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +254,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         work = Path(tmp)
         result = {"latency": [paired("real", args.edits, work), paired("instant", args.edits, work)],
-                  "ceiling": ceiling([int(c) for c in args.concurrency.split(",")], args.seconds, work)}
+                  "ceiling": ceiling([int(c) for c in args.concurrency.split(",")], args.seconds, work),
+                  "hops": hops(args.edits, work)}
     for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, markdown(result))):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
@@ -33,8 +34,12 @@ class Flight:
     worker_id: str = ""
     created: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
+    #: the OpenTelemetry context of the call that created the flight: its span's parent, whoever follows it
+    trace_context: object = None
     #: drop earlier progress from the replay log: a late subscriber needs the latest step, not every step
     is_progress: Callable[[object], bool] = lambda msg: False
+    #: told when the flight ends (its table moves it from running to finished)
+    on_finish: Callable[["Flight"], None] | None = field(default=None, repr=False)
 
     def publish(self, msg) -> None:
         if self.log and self.is_progress(msg) and self.is_progress(self.log[-1]):
@@ -50,6 +55,8 @@ class Flight:
         self.done, self.error, self.finished_at = True, error, time.monotonic()
         for q in self.subscribers:
             q.put_nowait(_END)
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     def subscribe(self) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -76,41 +83,65 @@ class Flight:
 
 
 class FlightTable:
-    """Flights by key; finished ones are kept `ttl` seconds (at most `max_finished`) to answer retries."""
+    """Flights by key; finished ones are kept `ttl` seconds (at most `max_finished`) to answer retries.
+
+    Every edit adds a flight and admission counts the running ones, so neither may cost time in proportion to
+    the finished flights kept for retries (up to `max_finished`): running flights are a dict of their own, and
+    finished ones an ordered dict in the order they finished, swept from its oldest end.
+    """
 
     def __init__(self, ttl: float = 600.0, max_finished: int = 10_000, clock: Callable[[], float] = time.monotonic):
         self.ttl = ttl
         self.max_finished = max_finished
         self.clock = clock
         self._flights: dict[Hashable, Flight] = {}
+        self._running: dict[Hashable, Flight] = {}
+        self._finished: OrderedDict[Hashable, float] = OrderedDict()  # key -> when it finished, oldest first
 
     def get(self, key: Hashable) -> Flight | None:
         flight = self._flights.get(key)
         if flight is not None and flight.done and flight.error is not None:
             # Failed, cancelled or expired: it produced nothing, so a retry runs it again.
-            del self._flights[key]
+            self.forget(key)
             return None
         return flight
 
     def add(self, flight: Flight) -> None:
         self.sweep()
+        self.forget(flight.key)
         self._flights[flight.key] = flight
+        if flight.done:
+            self._finished[flight.key] = self.clock()
+        else:
+            self._running[flight.key] = flight
+            flight.on_finish = self._finished_one
+
+    def _finished_one(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is not flight:
+            return  # already replaced or forgotten
+        self._running.pop(flight.key, None)
+        if flight.error is not None:
+            self._flights.pop(flight.key, None)  # it produced nothing: a retry runs it again
+        else:
+            self._finished[flight.key] = self.clock()
 
     def forget(self, key: Hashable) -> None:
         self._flights.pop(key, None)
+        self._running.pop(key, None)
+        self._finished.pop(key, None)
 
     def running(self) -> list[Flight]:
-        return [f for f in self._flights.values() if not f.done]
+        return list(self._running.values())
 
     def sweep(self) -> None:
-        now = self.clock()
-        finished = [f for f in self._flights.values() if f.done]
-        for f in finished:
-            if f.error is not None or now - (f.finished_at or now) > self.ttl:
-                self._flights.pop(f.key, None)
-        finished = sorted((f for f in self._flights.values() if f.done), key=lambda f: f.finished_at or 0)
-        for f in finished[:max(0, len(finished) - self.max_finished)]:
-            self._flights.pop(f.key, None)
+        """Drop finished flights older than the ttl, then the oldest beyond `max_finished`."""
+        deadline = self.clock() - self.ttl
+        while self._finished:
+            key, finished_at = next(iter(self._finished.items()))
+            if finished_at >= deadline and len(self._finished) <= self.max_finished:
+                break
+            del self._finished[key]
+            self._flights.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._flights)

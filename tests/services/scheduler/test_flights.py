@@ -75,13 +75,41 @@ def test_failed_flights_are_forgotten_so_a_retry_runs_again():
 
 
 def test_finished_flights_expire_and_are_bounded():
-    table = FlightTable(ttl=10.0, max_finished=2)
+    now = [100.0]
+    table = FlightTable(ttl=10.0, max_finished=2, clock=lambda: now[0])
     flights = [Flight(i, b"") for i in range(4)]
     for f in flights:
         table.add(f)
         f.finish()
+        now[0] += 1
     table.sweep()
-    assert len(table) == 2 and table.get(3) is flights[3]
-    flights[3].finished_at -= 11
+    assert len(table) == 2 and table.get(1) is None and table.get(3) is flights[3]
+    now[0] += 8.5  # flight 2 finished 10.5 s ago (past the ttl), flight 3 9.5 s ago
     table.sweep()
-    assert table.get(3) is None and table.get(2) is flights[2]
+    assert table.get(2) is None and table.get(3) is flights[3]
+    now[0] += 1
+    table.sweep()
+    assert len(table) == 0
+
+
+def test_a_retry_that_replaces_a_flight_is_not_dropped_by_the_old_one_ending():
+    table = FlightTable()
+    old, new = Flight("k", b""), Flight("k", b"")
+    table.add(old)
+    table.add(new)
+    old.finish(StatusInfo(grpc.StatusCode.UNAVAILABLE, "worker died"))
+    assert table.get("k") is new and table.running() == [new]
+    new.finish()
+    assert table.get("k") is new and table.running() == []
+
+
+def test_running_and_sweep_do_not_walk_the_finished_flights():
+    table = FlightTable(max_finished=100_000)
+    for i in range(20_000):
+        f = Flight(i, b"")
+        table.add(f)
+        f.finish()
+    live = Flight("live", b"")
+    table.add(live)
+    assert table.running() == [live] and len(table) == 20_001
+    assert len(table._running) == 1  # the structure admission reads holds only what runs
