@@ -177,6 +177,20 @@ def test_the_worker_holding_the_template_is_chosen():
     asyncio.run(main())
 
 
+def test_a_full_worker_is_skipped_even_when_it_holds_the_template():
+    async def main():
+        workers = {"a": FakeWorker(), "b": FakeWorker()}
+        # Capacity = max batch 4 x 1 slot: four running requests fill "a".
+        async with cluster(workers, [profile()], capacity_per_slot=1) as (service, stub, _):
+            busy = [wpb.RequestLoad(request_id=f"x{i}", tokens=8, total_steps=4) for i in range(4)]
+            await stub.ReportLoad(spb.ReportLoadRequest(worker_id="a", load=wpb.WorkerLoad(
+                running=busy, resident_templates=["t"])))
+            events = await run_edit(stub, 1)
+            assert events[0].placement.worker_id == "b" and workers["a"].edits == []
+
+    asyncio.run(main())
+
+
 def test_a_dead_worker_is_never_chosen_again():
     async def main():
         workers = {"a": FakeWorker(), "b": FakeWorker()}
