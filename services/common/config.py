@@ -34,6 +34,11 @@ def add_server_flags(parser: argparse.ArgumentParser, listen: str) -> None:
     add_flag(parser, "--grace-seconds", default=10.0, type=float, help="time in-flight calls get at shutdown")
     add_flag(parser, "--ready-file", help="keep {address, pid, serving} here from the moment the port is bound")
     add_flag(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    # telemetry (services/common/telemetry.py)
+    add_flag(parser, "--metrics-listen", default="",
+             help="host:port of the Prometheus /metrics endpoint (port 0: any free port; empty: no metrics)")
+    add_flag(parser, "--otlp-endpoint", default="",
+             help="OTLP/gRPC collector (host:port or http://host:port) to send traces to; empty: no tracing")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

@@ -71,6 +71,7 @@ class ServerConfig:
     #: seconds in-flight calls get to finish when the server stops
     grace_seconds: float = 10.0
     #: written once bound and on every readiness change: {"address": "host:port", "pid": ..., "serving": bool}
+    #: (plus "metrics": the /metrics host:port when metrics are served)
     ready_file: str | None = None
 
 
@@ -88,6 +89,8 @@ class ServiceHost:
         self.address = ""
         self.port = 0
         self._stopping = asyncio.Event()
+        #: more keys for the ready file (e.g. "metrics": the /metrics address)
+        self.ready_extra: dict = {}
 
     def add_service(self, add_to_server: Callable, servicer, service_name: str) -> None:
         add_to_server(servicer, self.server)
@@ -120,7 +123,7 @@ class ServiceHost:
             path = Path(self.config.ready_file)
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(json.dumps({"address": self.address, "pid": os.getpid(), "service": self.name,
-                                       "serving": serving}))
+                                       "serving": serving, **self.ready_extra}))
             os.replace(tmp, path)
 
     def install_signal_handlers(self) -> None:

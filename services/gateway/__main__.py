@@ -16,6 +16,7 @@ from instgenie.gateway.v1 import edit_service_pb2_grpc as pb_grpc
 from ..common.config import add_flag, add_server_flags, add_store_flags, open_store, server_config
 from ..common.logs import setup_logging
 from ..common.server import ServiceHost
+from ..common.telemetry import setup_telemetry
 from .auth import ApiKeys
 from .service import GatewayConfig, GatewayService
 from .templates import TemplateRecords
@@ -66,11 +67,13 @@ async def serve(args: argparse.Namespace) -> None:
     keys = ApiKeys.load(args.api_keys_file or None, os.environ.get("INSTGENIE_API_KEYS"))
     if not len(keys):
         raise SystemExit("no API keys: give --api-keys-file or INSTGENIE_API_KEYS=tenant:key,...")
+    telemetry = setup_telemetry("gateway", args)
     limits = Limits(image=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
     config = GatewayConfig(scheduler=args.scheduler, limits=limits, default_edit_deadline=args.edit_deadline,
                            keepalive_seconds=args.keepalive_seconds)
     service = GatewayService(config, keys, TemplateRecords(open_store(args)))
-    host = GatewayHost("gateway", server_config(args))
+    host = GatewayHost("gateway", server_config(args), interceptors=telemetry.server_interceptors())
+    host.ready_extra.update(telemetry.ready_info())
     host.add_service(pb_grpc.add_EditServiceServicer_to_server, service, SERVICE_NAME)
     http = None
     if args.http_listen:
@@ -89,6 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
         await http.stop()
     await host.shutdown()
     await service.close()
+    telemetry.shutdown()
 
 
 async def follow_scheduler(host: ServiceHost, scheduler: str, interval: float = 1.0) -> None:

@@ -30,7 +30,8 @@ from instgenie.worker.v1 import worker_service_pb2 as wpb
 from ..common.logs import request_id_var
 from ..common.objectstore import StoreUnavailable
 from ..common.server import channel_options
-from ..common.status import ServiceError, invalid, rpc
+from ..common.status import ServiceError, invalid, rpc, status_of
+from ..common.telemetry import end_stream, meter
 from . import validation as v
 from .auth import ApiKeys, Tenant
 from .templates import CREATING, FAILED, READY, TemplateRecord, TemplateRecords, content_hash, \
@@ -83,6 +84,15 @@ class GatewayService(pb_grpc.EditServiceServicer):
         self._driving: dict[str, asyncio.Task] = {}
         self._driving_records: dict[str, TemplateRecord] = {}
         self._changed: dict[str, asyncio.Event] = {}
+        m = meter()
+        self._requests = m.create_counter(
+            "instgenie_requests", description="Edits answered by the gateway, by model, method and gRPC status")
+        self._e2e = m.create_histogram("instgenie_request_e2e_seconds", unit="s",
+                                       description="Edits: arrival at the gateway until the result (successful ones)")
+        self._mask_ratio = m.create_histogram(
+            "instgenie_request_mask_ratio", description="Edits: share of the image's tokens under the mask")
+        self._in_flight = m.create_up_down_counter("instgenie_gateway_edits_in_flight",
+                                                   description="Edits this gateway is answering now")
 
     async def close(self) -> None:
         for task in list(self._driving.values()):
@@ -244,6 +254,7 @@ class GatewayService(pb_grpc.EditServiceServicer):
                 elif ev.WhichOneof("event") == "registered":
                     record.state, record.steps_done = READY, record.steps
                     record.cache_bytes = int(ev.registered.cache_bytes)
+                    await end_stream(call)
                     break
             else:
                 record.state, record.error_code = FAILED, "INTERNAL"
@@ -450,11 +461,35 @@ class GatewayService(pb_grpc.EditServiceServicer):
     async def _edit_events(self, e: pb.EditRequest, context, stream: bool):
         """The public event stream of one edit (keepalives and every step when `stream`); raises on failure."""
         started = time.monotonic()
+        labels = {"model": "unknown", "method": "StreamEdit" if stream else "Edit", "status": "OK"}
+        self._in_flight.add(1)
+        answered = False
+        try:
+            # aclosing: closing this stream cancels the scheduler call at once, not at garbage collection
+            async with aclosing(self._edit_stream(e, context, stream, started, labels)) as events:
+                async for event in events:
+                    if event.WhichOneof("event") == "result":
+                        answered = True
+                        self._e2e.record(time.monotonic() - started, {"model": labels["model"]})
+                        self._mask_ratio.record(event.result.mask_ratio, {"model": labels["model"]})
+                    yield event
+        except BaseException as exc:
+            if not answered:
+                info = status_of(exc) if isinstance(exc, Exception) else None
+                labels["status"] = info.code.name if info is not None else \
+                    "CANCELLED" if isinstance(exc, (GeneratorExit, asyncio.CancelledError)) else "INTERNAL"
+            raise
+        finally:
+            self._in_flight.add(-1)
+            self._requests.add(1, labels)
+
+    async def _edit_stream(self, e: pb.EditRequest, context, stream: bool, started: float, labels: dict):
         tenant = self._tenant(context)
         if not e.request_id:
             e.request_id = uuid.uuid4().hex
         request_id_var.set(e.request_id)
         request, record = await self._prepare_edit(tenant, e)
+        labels["model"] = record.model
         if not stream:
             request.edit.progress_interval_ms = UNARY_PROGRESS_MS
             request.edit.preview_every_steps = 0  # nobody would see them
@@ -495,7 +530,7 @@ class GatewayService(pb_grpc.EditServiceServicer):
                     return
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the edit ended without a result", reason="NO_RESULT")
         finally:
-            call.cancel()
+            await end_stream(call)
 
     @rpc
     async def StreamEdit(self, request, context):

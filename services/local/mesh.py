@@ -6,6 +6,10 @@ as a fixture. Every process is started in its own session, so Ctrl-C reaches onl
 stops the others in order (gateway, workers with drain, scheduler, S3) and kills whatever does not stop in
 time: nothing is left behind. Where every service listens, and the API key, go to `$INSTGENIE_HOME/local.json`
 so that the CLI works against the mesh with no flags.
+
+Each process serves Prometheus metrics on its own ephemeral loopback port (`--metrics-listen`, read back from its
+ready file); `prometheus_config()` is a scrape configuration for all of them. With `otlp_endpoint`, every
+process sends its traces there.
 """
 from __future__ import annotations
 
@@ -49,6 +53,12 @@ class MeshConfig:
     scheduler_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     startup_timeout: float = 180.0
+    #: serve /metrics from every process (an ephemeral loopback port each)
+    metrics: bool = True
+    #: OTLP/gRPC collector for traces ("" = no tracing)
+    otlp_endpoint: str = ""
+    #: more environment for every process (e.g. OTEL_BSP_SCHEDULE_DELAY)
+    env: dict[str, str] = field(default_factory=dict)
     #: write $INSTGENIE_HOME/local.json for the CLI
     publish: bool = False
 
@@ -63,6 +73,8 @@ class Process:
     #: the HTTP front's host:port (gateway only), read from the ready file
     http: str = ""
     expect_http: bool = False
+    #: host:port of its /metrics ("" without metrics)
+    metrics: str = ""
 
     @property
     def pid(self) -> int:
@@ -108,14 +120,20 @@ class LocalMesh:
         env.update(INSTGENIE_S3_ENDPOINT=self.s3.endpoint, INSTGENIE_S3_BUCKET=BUCKET,
                    INSTGENIE_S3_ACCESS_KEY=self.s3.access_key, INSTGENIE_S3_SECRET_KEY=self.s3.secret_key,
                    HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env.update(self.config.env)
         return env
+
+    def _telemetry_args(self) -> list[str]:
+        args = ["--metrics-listen", "127.0.0.1:0"] if self.config.metrics else []
+        return args + (["--otlp-endpoint", self.config.otlp_endpoint] if self.config.otlp_endpoint else [])
 
     def _spawn(self, name: str, module: str, args: list[str], env: dict[str, str]) -> Process:
         ready = self.state / "run" / f"{name}.json"
         ready.unlink(missing_ok=True)
         log = self.state / "logs" / f"{name}.log"
         with open(log, "ab") as out:
-            popen = subprocess.Popen([sys.executable, "-m", module, *args, "--ready-file", str(ready)],
+            popen = subprocess.Popen([sys.executable, "-m", module, *args, *self._telemetry_args(),
+                                      "--ready-file", str(ready)],
                                      stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return Process(name, popen, ready, log)
 
@@ -128,7 +146,7 @@ class LocalMesh:
                     raise MeshError(f"{p.name} exited with code {p.popen.returncode} while starting:\n{p.log_tail()}")
                 info = read_ready_file(p.ready_file)
                 if info and info.get("serving") and (info.get("http") or not p.expect_http):
-                    p.address, p.http = info["address"], info.get("http", "")
+                    p.address, p.http, p.metrics = info["address"], info.get("http", ""), info.get("metrics", "")
                     pending.remove(p)
             if time.monotonic() > end:
                 raise MeshError(f"{', '.join(p.name for p in pending)} not ready after {self.config.startup_timeout}s:\n"
@@ -196,6 +214,16 @@ class LocalMesh:
                 if time.monotonic() > end:
                     raise MeshError(f"only {len(live)} of {count} workers registered after {timeout}s")
                 time.sleep(0.1)
+
+    def prometheus_config(self, scrape_interval: str = "5s") -> str:
+        """A Prometheus configuration scraping every process of the mesh (job instgenie, a `service` label)."""
+        lines = ["global:", f"  scrape_interval: {scrape_interval}", f"  evaluation_interval: {scrape_interval}",
+                 "scrape_configs:", "  - job_name: instgenie", "    static_configs:"]
+        for p in self.processes():
+            if p.metrics:
+                service = p.name.split("-")[0]
+                lines += [f"      - targets: ['{p.metrics}']", f"        labels: {{service: {service}}}"]
+        return "\n".join(lines) + "\n"
 
     def _publish(self) -> None:
         home = instgenie_home()

@@ -98,6 +98,12 @@ def run(argv=None) -> int:
         _say(f"up in {time.monotonic() - t0:.1f}s: gateway {mesh.gateway.address}, scheduler {mesh.scheduler.address}, "
              f"S3 {mesh.s3.endpoint}, workers " + ", ".join(w.address for w in mesh.workers))
         _say(f"logs: {mesh.state / 'logs'}; connection for the CLI: {instgenie_home() / 'local.json'}")
+        _say("metrics (Prometheus): " + ", ".join(f"{p.name} http://{p.metrics}/metrics" for p in mesh.processes()
+                                                  if p.metrics))
+        prom = mesh.state / "prometheus.yml"
+        prom.write_text(mesh.prometheus_config())
+        _say(f"  scrape them all: prometheus --config.file={prom} --storage.tsdb.path={mesh.state / 'prometheus'} "
+             "--web.listen-address=127.0.0.1:9090")
         if mesh.http_url:
             _say(f"web page: {mesh.http_url}/web/  (API key {mesh.api_key}); OpenAI-compatible API: "
                  f"{mesh.http_url}/v1")

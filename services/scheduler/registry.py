@@ -2,8 +2,9 @@
 
 Workers register once their model is loaded and then push a load report every `report_interval` (also the
 heartbeat); a worker silent for `lease` is retired, and so is one whose stream broke at the transport level
-(it registers again on its next report, which answers NOT_FOUND). Kubernetes discovery, where it runs, only
-adds and retires members through the same calls.
+(it registers again on its next report, which answers NOT_FOUND). Kubernetes discovery, where it runs, marks
+workers whose pods are not ready (terminating, evicted, failing) in `unready`: they get no new work, while what
+runs there goes on; a pod ready again (or a new pod of that name) is cleared.
 
 Load for placement comes from two sources: the requests the scheduler placed there and still tracks (exact
 and current: the scheduler forwards every step event), and the worker's last report (resident templates,
@@ -112,6 +113,8 @@ class Registry:
         self.correction = correction
         #: for workers without a profile of their own (the placement policy's)
         self.default_cost: CostModel | None = None
+        #: worker ids Kubernetes discovery reports as not ready (terminating, evicted, failing): never placed on
+        self.unready: set[str] = set()
 
     # ----------------------------------------------------------------------------------- cost models
     def cost_for(self, info) -> tuple[CostModel | None, str]:
@@ -183,7 +186,7 @@ class Registry:
         """Workers that may be placed on: reporting within the lease, not draining, serving `model_id`."""
         now = self.clock()
         return [w for w in self.workers.values()
-                if not w.draining and now - w.last_report <= self.lease
+                if not w.draining and now - w.last_report <= self.lease and w.worker_id not in self.unready
                 and (model_id is None or w.model_id == model_id)]
 
     # -------------------------------------------------------------------------------- tracked work

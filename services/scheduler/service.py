@@ -9,6 +9,10 @@ caller's deadline, and a caller that goes away cancels the work on the worker.
 Every placed edit's prediction is checked against when its result passes through, per worker, and its step
 events feed the worker's speed correction (registry.py, predictions.py). Template heat is observed on every
 edit, and a background round asks workers to warm hot templates that too few of them hold (templates.py).
+
+Telemetry (metrics.py, ../common/telemetry.py): the trace context of the call that created a flight is kept on
+the flight and is the parent of its `scheduler.flight` span, whoever follows the flight later; the calls to
+workers are children of that span, so a trace runs gateway -> scheduler -> worker through the queue.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import context as otel_context
 
 from instgenie.scheduler.v1 import scheduler_service_pb2 as pb
 from instgenie.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
@@ -29,8 +34,10 @@ from instgenie.worker.v1 import worker_service_pb2_grpc as wpb_grpc
 from ..common.logs import request_id_var
 from ..common.server import channel_options
 from ..common.status import ServiceError, abort, invalid, is_transport_failure, rpc, status_of
+from ..common.telemetry import end_stream, span_event, tracer
 from .costmodel import AnalyticalCostModel
 from .flights import Flight, FlightTable
+from .metrics import SchedulerMetrics
 from .placement import POLICIES, PlacementPolicy, PlacementRequest, PredictedFinish, make_policy, predict_finish
 from .predictions import summarise
 from .registry import Registry, Tracked
@@ -113,6 +120,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         self._expiry: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._warm_calls: set[asyncio.Task] = set()
+        self.metrics = SchedulerMetrics(self)
 
     # ---------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -173,11 +181,33 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
             await self._close_channel(record.channel)
         return pb.DeregisterWorkerResponse()
 
+    # ------------------------------------------------------------------------- Kubernetes discovery
+    def pod_gone(self, name: str) -> None:
+        """Discovery (on this loop): the pod of worker `name` is not ready (terminating, evicted, failing). It gets
+        no new work at once, without waiting for its lease; what runs there goes on (a draining worker finishes
+        it). Its lease, or its own deregistration, retires it."""
+        self.registry.unready.add(name)
+        record = self.registry.get(name)
+        if record is not None:
+            record.touch()
+            log.info("worker %s: its pod is not ready (Kubernetes); no new work goes there", name)
+
+    def pod_ready(self, name: str, address: str) -> None:
+        """Discovery: the pod of worker `name` is ready at `address`; a hint only (workers register themselves)."""
+        self.registry.unready.discard(name)
+        record = self.registry.get(name)
+        if record is not None:
+            record.touch()
+        if record is None or record.info.address != address:
+            log.info("worker pod %s ready at %s%s", name, address,
+                     "" if record is not None else "; placed on once it registers")
+
     # ---------------------------------------------------------------------------------- admission
     def _admit(self) -> None:
         in_flight = len(self.flights.running()) + len(self.registrations)
         if in_flight >= self.config.max_in_flight:
             self.counters.rejected += 1
+            self.metrics.rejections.add(1, {"reason": "CLUSTER_FULL"})
             raise ServiceError(EXHAUSTED, f"the cluster has {in_flight} requests in flight, its limit; retry "
                                "shortly", reason="CLUSTER_FULL", retry_after=self._retry_hint())
 
@@ -187,6 +217,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         mine = sum(1 for f in self.flights.running() if f.key[0] == tenant)
         if mine >= limit:
             self.counters.rejected += 1
+            self.metrics.rejections.add(1, {"reason": "TENANT_LIMIT"})
             raise ServiceError(EXHAUSTED, f"tenant {tenant!r} has {mine} edits in flight, its limit; wait for one "
                                "to finish", reason="TENANT_LIMIT", retry_after=self._retry_hint())
 
@@ -214,6 +245,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         choice = self.policy.choose(req, views)
         if choice is None:
             self.counters.rejected += 1
+            self.metrics.rejections.add(1, {"reason": "WORKERS_FULL" if views else "NO_WORKER_LEFT"})
             if not views:
                 raise ServiceError(UNAVAILABLE, f"every worker serving {req.model_id!r} failed this request",
                                    reason="NO_WORKER_LEFT")
@@ -247,10 +279,13 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
             self._admit()
             self._admit_tenant(request.tenant, request.tenant_max_in_flight)
             flight = Flight(key, fingerprint, is_progress=_is_progress)
+            flight.trace_context = otel_context.get_current()
             remaining = context.time_remaining()
             deadline = time.monotonic() + (remaining if remaining is not None else self.config.default_deadline)
             flight.task = asyncio.get_running_loop().create_task(self._run_edit(flight, request, deadline))
             self.flights.add(flight)
+        else:
+            span_event("flight.joined", done=flight.done, worker=flight.worker_id)
         queue = flight.subscribe()
         try:
             async for msg in flight.events(queue):
@@ -281,21 +316,46 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                     async for ev in stream:
                         kind = ev.WhichOneof("event")
                         if kind == "started":
-                            self.registry.started(record, tracked, time.monotonic())
+                            now = time.monotonic()
+                            if tracked.started_at is None:
+                                self.metrics.queue.record(now - flight.created, {"model": request.model})
+                            self.registry.started(record, tracked, now)
+                            span_event("worker.started", worker=record.worker_id,
+                                       batch_size=ev.started.batch_size, cache_tier=ev.started.cache_tier)
                         elif kind == "progress":
                             self.registry.stepped(record, tracked, ev.progress.step, time.monotonic(),
                                                   ev.progress.total_steps)
                         flight.publish(pb.EditResponse(worker_event=ev))
                         if kind == "result":
-                            self.registry.answered(record, tracked, time.monotonic())
+                            now = time.monotonic()
+                            self.registry.answered(record, tracked, now)
+                            self._observe_result(request.model, tracked, now)
                             return True
                 finally:
-                    stream.cancel()
+                    await end_stream(stream)
                 return False
             finally:
                 self.registry.untrack(record.worker_id, e.request_id)
 
-        await self._run(flight, place, deadline, call, pb.EditResponse)
+        attributes = {"instgenie.request_id": e.request_id, "instgenie.template_id": e.template_id,
+                      "instgenie.model": request.model, "instgenie.masked_tokens": int(request.masked_tokens),
+                      "instgenie.steps": int(request.steps)}
+        try:
+            with tracer().start_as_current_span("scheduler.flight", context=flight.trace_context,
+                                                attributes=attributes):
+                await self._run(flight, place, deadline, call, pb.EditResponse)
+        finally:
+            status = flight.error.code.name if flight.error is not None else "OK" if flight.done else "CANCELLED"
+            self.metrics.requests.add(1, {"model": request.model, "status": status})
+
+    def _observe_result(self, model: str, tracked: Tracked, now: float) -> None:
+        labels = {"model": model}
+        if tracked.started_at is not None:
+            self.metrics.inference.record(now - tracked.started_at, labels)
+        if tracked.predicted > 0:
+            actual = now - tracked.placed_at
+            self.metrics.error.record(actual - tracked.predicted, labels)
+            self.metrics.relative_error.record(abs(actual - tracked.predicted) / tracked.predicted, labels)
 
     async def _run(self, flight: Flight, place: PlacementRequest, deadline: float, call, response_type) -> None:
         """Place, call, and place again on another worker while the failure is the worker's and time is left."""
@@ -314,6 +374,8 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                     attr = {"host": "resident", "loading": "loading"}.get(tier, "cold")
                     setattr(self.counters, attr, getattr(self.counters, attr) + 1)
                 flight.worker_id = record.worker_id
+                self.metrics.placements.add(1, {"kind": flight.kind, "tier": tier, "replacement": attempt > 1})
+                span_event("placed", worker=record.worker_id, predicted_seconds=predicted, attempt=attempt, tier=tier)
                 flight.publish(response_type(placement=pb.Placement(
                     worker_id=record.worker_id, predicted_seconds=predicted, attempt=attempt)))
                 try:
@@ -327,6 +389,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                         flight.finish(last)
                         return
                 exclude.add(record.worker_id)
+                span_event("worker.failed", worker=record.worker_id, code=last.code.name, message=last.message)
                 log.warning("%s %s failed on worker %s (%s: %s); placing it again", flight.kind, flight.key[1],
                             record.worker_id, last.code.name, last.message)
             if time.monotonic() >= deadline:
@@ -408,7 +471,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                         if ev.WhichOneof("event") == "registered":
                             return True
                 finally:
-                    stream.cancel()
+                    await end_stream(stream)
                 return False
             finally:
                 self.registry.untrack(record.worker_id, r.template_id)

@@ -18,6 +18,8 @@ from instgenie.engine.images import ImageLimits
 from ..common.config import add_flag, add_server_flags, add_store_flags, open_store, server_config
 from ..common.logs import setup_logging
 from ..common.server import ServiceHost
+from ..common.telemetry import setup_telemetry
+from .metrics import WorkerMetrics
 from .reporter import Reporter
 from .runtime import WorkerConfig, WorkerRuntime
 from .service import WorkerService
@@ -54,9 +56,11 @@ async def serve(args: argparse.Namespace) -> None:
     config = WorkerConfig(worker_id=args.worker_id, model=args.model, models_dir=args.models_dir,
                           device=args.device, max_batch_size=args.max_batch_size, pre_workers=args.pre_workers,
                           host_cache_bytes=args.host_cache_bytes, engine=args.engine, profile=args.profile)
+    telemetry = setup_telemetry("worker", args, instance=args.worker_id)
     runtime = WorkerRuntime(config, open_store(args))
     service = WorkerService(runtime, ImageLimits(max_bytes=args.max_image_bytes))
-    host = ServiceHost(f"worker {args.worker_id}", server_config(args))
+    host = ServiceHost(f"worker {args.worker_id}", server_config(args), interceptors=telemetry.server_interceptors())
+    host.ready_extra.update(telemetry.ready_info())
     host.add_service(wpb_grpc.add_WorkerServiceServicer_to_server, service, SERVICE_NAME)
     host.install_signal_handlers()
     address = await host.start()
@@ -66,6 +70,8 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.wait({loading, stop}, return_when=asyncio.FIRST_COMPLETED)
     reporter = None
     if runtime.ready.is_set():
+        service.metrics = WorkerMetrics(runtime)
+        service.metrics.install()
         await host.set_serving(True)
         if args.scheduler:
             profile_id = runtime.profile_id()
@@ -91,6 +97,7 @@ async def serve(args: argparse.Namespace) -> None:
     await host.shutdown(drain)
     service.close()
     runtime.close()
+    telemetry.shutdown()
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,9 @@ The engine loop runs on its own threads; each edit's events cross into asyncio t
 engine loop writes to like a queue. The call's deadline becomes the edit's deadline (dropped at the next
 step once past), and a caller that goes away cancels the edit at the next step. Registration runs on one
 thread beside the loop (the engine allows it: see engine/editor.py), one template at a time.
+
+With tracing on, each edit's server span gets an event per denoising step (step, total, batch size), added on
+the engine's thread as the step ends, before progress is thinned for the caller; metrics are in metrics.py.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from instgenie.worker.v1 import worker_service_pb2 as wpb
 from instgenie.worker.v1 import worker_service_pb2_grpc as wpb_grpc
 
 from ..common.logs import request_id_var
-from ..common.status import ServiceError, invalid, rpc
+from ..common.status import ServiceError, invalid, rpc, status_of
+from ..common.telemetry import current_span
 from .runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -48,8 +52,9 @@ class _Sink:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, progress_interval: float = 0.0, engine=None,
-                 preview_every: int = 0):
+                 preview_every: int = 0, span=None):
         self._loop = loop
+        self.span = span  # the edit's recording span (tracing on), which gets an event per step
         self.queue: asyncio.Queue = asyncio.Queue()
         self.progress_interval = progress_interval
         self._last_progress = 0.0
@@ -58,6 +63,8 @@ class _Sink:
         self._start = None  # the request's latents before its first step (previews need them)
 
     def put(self, item) -> None:
+        if self.span is not None and item is not None and not isinstance(item, int):
+            self._trace(item)
         if (self.progress_interval > 0 and item is not None and not isinstance(item, int)
                 and item.status == Status.RUNNING and item.steps_done > 0):
             now = time.monotonic()
@@ -69,6 +76,15 @@ class _Sink:
             if snapshot is not None:
                 item = _Stepped(item, snapshot)
         self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _trace(self, ev) -> None:
+        if ev.status == Status.RUNNING and ev.steps_done == 0:
+            self.span.add_event("engine.started", {"batch_size": ev.batch_size})
+        elif ev.status in (Status.RUNNING, Status.FINISHED):
+            self.span.add_event("engine.step", {"step": ev.steps_done, "total_steps": ev.total_steps,
+                                                "batch_size": ev.batch_size})
+        else:
+            self.span.add_event("engine." + ev.status.value, {"step": ev.steps_done})
 
     def _snapshot(self, ev):
         """On the engine's thread, between steps: references to what a preview needs (no copy, no compute).
@@ -107,8 +123,10 @@ class _Cancelled(Exception):
 
 
 class WorkerService(wpb_grpc.WorkerServiceServicer):
-    def __init__(self, runtime: WorkerRuntime, limits: ImageLimits | None = None):
+    def __init__(self, runtime: WorkerRuntime, limits: ImageLimits | None = None, metrics=None):
         self.runtime = runtime
+        #: WorkerMetrics (metrics.py) once the model is loaded; None: nothing is measured
+        self.metrics = metrics
         self.limits = limits or ImageLimits()
         self.draining = False
         self._registrar = cf.ThreadPoolExecutor(1, thread_name_prefix="instgenie-register")
@@ -147,8 +165,12 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
             dilate=int(request.dilate), deadline=deadline, request_id=request.request_id,
         )
         cache_tier = "host" if self.runtime.is_resident(request.template_id) else "store"
+        span = current_span()
+        if span is not None:
+            span.set_attributes({"instgenie.request_id": request.request_id, "instgenie.cache_tier": cache_tier,
+                                 "instgenie.template_id": request.template_id})
         sink = _Sink(asyncio.get_running_loop(), request.progress_interval_ms / 1000, engine=loop,
-                     preview_every=max(0, int(request.preview_every_steps)))
+                     preview_every=max(0, int(request.preview_every_steps)), span=span)
         try:
             handle = loop.submit(edit, events=sink)
         except InstGenIEError:
@@ -156,6 +178,7 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
         except ValueError as exc:  # the same request id is already running here
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, str(exc), reason="REQUEST_IN_FLIGHT",
                                field="request_id") from None
+        status, answered = "OK", False
         try:
             yield wpb.EditResponse(request_id=request.request_id, queued=wpb.EditResponse.Queued(position=0))
             async for event in self._events(handle, sink):
@@ -167,16 +190,26 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
             small = result.image.width * result.image.height <= INLINE_CODEC_PIXELS
             png = _png(result.image) if small else await self._run(_png, result.image)
             timing = handle.timing
+            if self.metrics is not None and timing.queue_seconds is not None:
+                self.metrics.queue.record(timing.queue_seconds, self.metrics.labels)
+            answered = True  # the caller may close the stream as soon as it has the result
             yield wpb.EditResponse(request_id=request.request_id, result=wpb.EditResult(
                 mime_type="image/png", image=png, steps=result.steps, mask_ratio=result.mask_ratio,
                 degraded_reason=result.degraded or "", queue_seconds=timing.queue_seconds or 0.0,
                 total_seconds=time.monotonic() - timing.submitted, worker_id=self.runtime.config.worker_id,
                 seed=int(request.seed)))
-        except BaseException:
+        except BaseException as exc:
+            if not answered:
+                info = status_of(exc) if isinstance(exc, Exception) else None
+                status = info.code.name if info is not None else "CANCELLED" if isinstance(
+                    exc, (GeneratorExit, asyncio.CancelledError)) else "INTERNAL"
             # The caller left, or the edit failed: free the batch slot at the next step (a no-op when done).
             if not handle.future.done():
                 loop.cancel(request.request_id)
             raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.edits.add(1, {**self.metrics.labels, "cache_tier": cache_tier, "status": status})
 
     async def _events(self, handle, sink: _Sink):
         """Engine events as EditResponses (request_id left empty: the caller fills it), until the end mark.
@@ -358,7 +391,7 @@ def _preview_png(editor, state, latents, start, sigma: float) -> bytes:
 
         with torch.no_grad():
             x0 = (latents - sigma * start) / max(1.0 - sigma, 1e-3)
-            h, w = editor.latent_hw
+            h, w = editor.latent_grid(state.manifest.resolution)
             decoded = editor.model.codec.decode(unpack(x0, h, w))
             mask = state.mask.pixels.to(decoded.device)[None, None]
             decoded = torch.where(mask, decoded, state.template_image.to(decoded.dtype))

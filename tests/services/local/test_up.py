@@ -47,6 +47,10 @@ def test_up_shows_an_edit_through_the_cli_and_stops_clean(tmp_path):
     assert proc.returncode == 0, out
     assert "registered demo template tpl-" in out and "$ instgenie edit --template tpl-" in out
     assert "no process left behind" in out
+    # where each process serves its metrics, and a Prometheus configuration scraping them all
+    assert "metrics (Prometheus): scheduler http://127.0.0.1:" in out and "/metrics" in out
+    assert "worker-1 http://127.0.0.1:" in out and "gateway http://127.0.0.1:" in out
+    assert "job_name: instgenie" in (tmp_path / "state" / "prometheus.yml").read_text()
     demo = tmp_path / "state" / "demo"
     assert (demo / "edited.png").stat().st_size > 0 and (demo / "demo.png").exists()
     assert leftovers(str(tmp_path / "state")) == []
