@@ -14,13 +14,14 @@ import torch
 from . import validation as v
 from .cache_provider import CacheProvider, MemoProvider
 from .errors import (
-    CacheIntegrityError, CacheMismatchError, InstGenIEError, InvalidInputError, InvalidStepsError, TemplateExistsError,
-    TemplateNotFoundError,
+    CacheIntegrityError, CacheMismatchError, InstGenIEError, InvalidImageError, InvalidInputError, InvalidStepsError,
+    TemplateExistsError, TemplateNotFoundError,
 )
 from .ids import validate_template_id
-from .images import DEFAULT_LIMITS, ImageLimits, check_image_size
+from .images import DEFAULT_LIMITS, ImageLimits
 from .latents import image_ids, image_to_tensor, pack, tensor_to_image, unpack
 from .masks import load_mask, tokens_from_mask
+from .models.fill import fill_condition
 from .models.loader import EditModel
 from .pipeline import PipelineConfig
 from .request import EDIT_PATHS, EditRequest, EditResult, RequestState  # noqa: F401 - EDIT_PATHS re-exported
@@ -61,17 +62,43 @@ class Editor:
         # pipeline, which steps it, and a copy taken while another thread mutates it would be inconsistent.
         self._scheduler = copy.deepcopy(model.scheduler)
         # The taps go in now, before the transformer is shared between threads.
-        instrument(model.transformer)
+        self._instrument()
         self._id_locks: dict[str, list] = {}  # template id -> [lock, users]
         self._id_locks_guard = threading.Lock()
 
     # ----------------------------------------------------------------------------------------- helpers
     @property
     def latent_hw(self) -> tuple[int, int]:
-        s = self.model.codec.scale_factor
-        return self.model.info.resolution[0] // s, self.model.info.resolution[1] // s
+        """Latent grid of the model's default resolution (templates may have their own: `latent_grid`)."""
+        return self.latent_grid(self.model.info.resolution)
 
-    def _timesteps(self, steps: int):
+    def latent_grid(self, resolution: tuple[int, int]) -> tuple[int, int]:
+        """Latent (height, width) of an image of `resolution` pixels."""
+        s = self.model.codec.scale_factor
+        return resolution[0] // s, resolution[1] // s
+
+    def on_grid(self, hw: tuple[int, int]) -> bool:
+        """True if both sides of (height, width) `hw` are positive multiples of the model's token cell."""
+        cell = self.model.cell
+        return all(side >= cell and side % cell == 0 for side in hw)
+
+    def check_resolution(self, hw: tuple[int, int], *, field: str = "image") -> None:
+        """InvalidImageError unless the model can serve an uploaded image of (height, width) `hw`.
+
+        Any size whose sides are multiples of the model's token cell (VAE factor x 2x2 packing: 16 px for
+        Flux) within the image limits: RoPE positions cover any grid, and the schedule's shift follows the
+        token count. A template keeps its own size; requests of different sizes never share a step.
+        """
+        h, w = hw
+        if not self.on_grid(hw):
+            raise InvalidImageError(f"{field} is {w}x{h}; model {self.model.info.model_id!r} takes sizes whose "
+                                    f"sides are multiples of {self.model.cell} px; crop or resize it first",
+                                    field=field)
+        if h * w > self.image_limits.max_pixels:
+            raise InvalidImageError(f"{field} is {w}x{h}, more than {self.image_limits.max_pixels} pixels",
+                                    field=field)
+
+    def _timesteps(self, steps: int, resolution: tuple[int, int]):
         """A fresh scheduler copy with the pipeline's sigma schedule (dynamic shift from the token count)."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -79,7 +106,7 @@ class Editor:
         sigmas = np.linspace(1.0, 1 / steps, steps)
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", False):
-            h, w = self.latent_hw
+            h, w = self.latent_grid(resolution)
             kwargs["mu"] = calculate_shift((h // 2) * (w // 2), sched.config.get("base_image_seq_len", 256),
                                            sched.config.get("max_image_seq_len", 4096),
                                            sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
@@ -98,15 +125,53 @@ class Editor:
 
     def _image(self, image) -> torch.Tensor:
         t = image_to_tensor(image, self.model.codec.image_channels, self.image_limits)
-        check_image_size(tuple(t.shape[-2:]), tuple(self.model.info.resolution),
-                         hint=f"model {self.model.info.model_id!r} takes only that size; resize it first")
-        return t.to(self.model.device, self.model.dtype)
+        self.check_resolution(tuple(t.shape[-2:]))
+        # contiguous: an image converted from HWC arrays has channels-last strides, and the VAE's convolutions and
+        # group norms round differently by layout; the stored template image (read back contiguous) must encode
+        # exactly as it did at registration
+        return t.to(self.model.device, self.model.dtype).contiguous()
 
-    def _noise(self, seed: int) -> torch.Tensor:
-        h, w = self.latent_hw
+    def _noise(self, seed: int, resolution: tuple[int, int] | None = None) -> torch.Tensor:
+        h, w = self.latent_grid(resolution or self.model.info.resolution)
         gen = torch.Generator("cpu").manual_seed(v.validate_seed(seed))
         noise = torch.randn((1, self.model.codec.latent_channels, h, w), generator=gen, dtype=torch.float32)
-        return pack(noise).to(self.model.device, self.model.dtype)
+        return self._encode_layout(noise).to(self.model.device, self.model.dtype)
+
+    # Family hooks: how latents are laid out and what a template's geometry is. Flux packs 2x2 latent cells
+    # into tokens; the UNet editor (unet/editor.py) keeps latents as images.
+    def _encode_layout(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) latents -> the layout the denoiser takes: packed tokens (1, N, 4C) for Flux."""
+        return pack(latents)
+
+    def _latent_image(self, latents: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
+        """Inverse of `_encode_layout` for an image of `resolution` pixels."""
+        return unpack(latents, *self.latent_grid(resolution))
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self._encode_layout(self.model.codec.encode(image))
+
+    def _latent_shape(self, resolution: tuple[int, int]) -> tuple[int, ...]:
+        return (1, self.image_tokens(resolution), 4 * self.model.codec.latent_channels)
+
+    def image_tokens(self, resolution: tuple[int, int]) -> int:
+        """Tokens of the template's (finest) grid: what a mask ratio and the cache size are counted in."""
+        h, w = self.latent_grid(resolution)
+        return (h // 2) * (w // 2)
+
+    def _hidden(self) -> int:
+        return self.model.transformer.inner_dim
+
+    #: cache modes this family records (transformer/cache_view.py); the first is the default
+    cache_modes: tuple[str, ...] = ("kv", "y")
+
+    def _instrument(self) -> None:
+        instrument(self.model.transformer)
+
+    def _condition(self, image: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor | None:
+        """Extra input channels of a mask-conditioned family (FLUX.1-Fill), None for the inpaint-blend family."""
+        if self.model.info.family != "flux-fill":
+            return None
+        return fill_condition(self.model.codec, image, pixels)
 
     @contextlib.contextmanager
     def _registering(self, template_id: str):
@@ -125,7 +190,7 @@ class Editor:
 
     # ------------------------------------------------------------------------------------ registration
     def register_template(self, image, prompt: str = "", *, steps: int | None = None, seed: int = 0,
-                          mode: str = "kv", guidance_scale: float | None = None,
+                          mode: str | None = None, guidance_scale: float | None = None,
                           template_id: str | None = None, progress=None) -> TemplateManifest:
         """Full inference once on the template with an empty mask, recording every block's cache per step.
 
@@ -137,8 +202,10 @@ class Editor:
         v.validate_prompt(prompt)
         steps = self.model.info.default_steps if steps is None else v.validate_steps(steps, allow_none=False)
         seed = v.validate_seed(seed)
-        if not isinstance(mode, str) or mode not in CACHE_MODES:
-            raise InvalidInputError(f"cache mode must be one of {CACHE_MODES}, got {mode!r}", field="cache_mode")
+        mode = self.cache_modes[0] if mode is None else mode  # the family's default: kv for Flux, o for a UNet
+        if not isinstance(mode, str) or mode not in self.cache_modes:
+            raise InvalidInputError(f"cache mode must be one of {self.cache_modes} for model "
+                                    f"{self.model.info.model_id!r}, got {mode!r}", field="cache_mode")
         v.validate_guidance(guidance_scale)
         if template_id is not None:
             validate_template_id(template_id)
@@ -147,25 +214,26 @@ class Editor:
         img = self._image(image)
         text = self.model.text.encode(self._prompts(prompt))
         guidance, cfg_scale = self._guidance(guidance_scale)
-        info, tr = self.model.info, self.model.transformer
+        info = self.model.info
         h = hashlib.sha256(img.cpu().numpy().tobytes())
         image_sha256 = h.hexdigest()
         if template_id is None:
             h.update(f"{prompt}|{steps}|{seed}|{mode}|{info.config_hash}|{guidance_scale}".encode())
             template_id = "tpl-" + h.hexdigest()[:16]
 
-        sched = self._timesteps(steps)
-        image_latents = pack(self.model.codec.encode(img))
-        noise = self._noise(seed)
-        n_img = image_latents.shape[1]
+        resolution = tuple(img.shape[-2:])
+        sched = self._timesteps(steps, resolution)
+        image_latents = self._encode(img)
+        noise = self._noise(seed, resolution)
+        n_img = self.image_tokens(resolution)
         branches = text.prompt_embeds.shape[0]
         manifest = TemplateManifest(
             template_id=template_id, model_id=info.model_id, config_hash=info.config_hash,
-            resolution=tuple(info.resolution), steps=steps, seed=seed, prompt=prompt, cache_mode=mode,
+            resolution=resolution, steps=steps, seed=seed, prompt=prompt, cache_mode=mode,
             dtype=str(self.model.dtype).removeprefix("torch."), guidance=info.guidance,
             guidance_scale=float(guidance_scale if guidance_scale is not None else info.default_guidance_scale),
             branches=branches, num_blocks=self.model.num_blocks, image_tokens=n_img,
-            text_tokens=text.prompt_embeds.shape[1], hidden=tr.inner_dim, scheduler=dict(sched.config),
+            text_tokens=text.prompt_embeds.shape[1], hidden=self._hidden(), scheduler=dict(sched.config),
             created_at=time.time(), image_sha256=image_sha256,
         )
         with self._registering(template_id):
@@ -203,13 +271,16 @@ class Editor:
     def _record(self, manifest, sched, image_latents, noise, img, text, guidance, progress) -> None:
         tr, steps, branches = self.model.transformer, manifest.steps, manifest.branches
         self.store.put_shard(manifest, BASE_SHARD, {"image_latents": image_latents, "noise": noise, "image": img})
-        h, w = self.latent_hw
+        h, w = self.latent_grid(manifest.resolution)
         img_ids = image_ids(h, w, self.model.device, self.model.dtype)
+        # Fill: nothing is masked in the template run, so the whole image conditions every step
+        cond = self._condition(img, torch.zeros(manifest.resolution, dtype=torch.bool))
         latents = renoise(image_latents, sched.sigmas[0], noise)
         for i, t in enumerate(sched.timesteps):
             record: dict[str, torch.Tensor] = {}
             timestep = (t.to(self.model.dtype) / 1000).expand(branches)
-            dense_forward(tr, latents.expand(branches, -1, -1), text.prompt_embeds, text.pooled, timestep,
+            inputs = latents if cond is None else torch.cat([latents, cond], dim=-1)
+            dense_forward(tr, inputs.expand(branches, -1, -1), text.prompt_embeds, text.pooled, timestep,
                           text.text_ids, img_ids, None if guidance is None else guidance.expand(branches),
                           mode=manifest.cache_mode, record=record)
             self.store.put_shard(manifest, step_shard(i), record)
@@ -239,8 +310,8 @@ class Editor:
         self._check_manifest(manifest)
         self.cache.prefetch(manifest)
 
-    def start(self, request: EditRequest) -> RequestState:
-        """Validate and pre-process a request into its own state (off the denoising loop; thread-safe)."""
+    def _admit(self, request: EditRequest) -> tuple[TemplateManifest, torch.Tensor]:
+        """The request's verified manifest and its (H, W) bool pixel mask, every input checked."""
         if not isinstance(request, EditRequest):
             raise InvalidInputError(f"expected an EditRequest, got {type(request).__name__}")
         request.validate()  # again: fields may have been reassigned since construction
@@ -253,6 +324,11 @@ class Editor:
             )
         pixels = load_mask(request.mask, manifest.resolution, allow_empty=request.allow_empty_mask,
                            limits=self.image_limits)
+        return manifest, pixels
+
+    def start(self, request: EditRequest) -> RequestState:
+        """Validate and pre-process a request into its own state (off the denoising loop; thread-safe)."""
+        manifest, pixels = self._admit(request)
         tmask = tokens_from_mask(pixels, self.model.codec.scale_factor, self.model.codec.latent_channels,
                                  request.dilate)
         tmask.blend = tmask.blend.to(self.model.device, self.model.dtype)
@@ -262,8 +338,8 @@ class Editor:
         guidance, cfg_scale = self._guidance(request.guidance_scale if request.guidance_scale is not None
                                              else manifest.guidance_scale)
         base = self._base(manifest)
-        sched = self._timesteps(manifest.steps)
-        noise_req = self._noise(request.seed)
+        sched = self._timesteps(manifest.steps, manifest.resolution)
+        noise_req = self._noise(request.seed, manifest.resolution)
         # Masked tokens start from the request's noise; unmasked ones from the template's, so that they
         # follow exactly the trajectory the cache recorded.
         start_template = renoise(base["image_latents"], sched.sigmas[0], base["noise"])
@@ -273,7 +349,7 @@ class Editor:
             request=request, manifest=manifest, mask=tmask, text=text, scheduler=sched,
             timesteps=sched.timesteps, sigmas=sched.sigmas, latents=latents, image_latents=base["image_latents"],
             noise=base["noise"], template_image=base["image"], guidance=guidance, cfg_scale=cfg_scale,
-            cache=self._template_cache(manifest),
+            cache=self._template_cache(manifest), cond=self._condition(base["image"], tmask.pixels),
         )
 
     def _check_manifest(self, manifest: TemplateManifest) -> None:
@@ -284,11 +360,13 @@ class Editor:
                 f"template {manifest.template_id!r} was registered with model {manifest.model_id!r} "
                 f"({manifest.config_hash}); this worker serves {info.model_id!r} ({info.config_hash})"
             )
-        h, w = self.latent_hw
+        if not self.on_grid(tuple(manifest.resolution)):
+            raise CacheMismatchError(f"template {manifest.template_id!r} is {manifest.resolution}, a size this model "
+                                     f"cannot serve (sides must be multiples of {model.cell} px)")
         expected = {
-            "resolution": tuple(info.resolution), "num_blocks": model.num_blocks,
-            "hidden": model.transformer.inner_dim, "dtype": str(model.dtype).removeprefix("torch."),
-            "guidance": info.guidance, "image_tokens": (h // 2) * (w // 2),
+            "num_blocks": model.num_blocks,
+            "hidden": self._hidden(), "dtype": str(model.dtype).removeprefix("torch."),
+            "guidance": info.guidance, "image_tokens": self.image_tokens(manifest.resolution),
             "branches": 2 if info.guidance == "cfg" else 1,
         }
         for name, want in expected.items():
@@ -301,9 +379,8 @@ class Editor:
         """The template's latents, noise and pixels, with their shapes checked against the manifest."""
         base = {k: t.to(self.model.device) for k, t in self.store.shard(manifest, BASE_SHARD).items()}
         c = self.model.codec
-        n, c4 = manifest.image_tokens, 4 * c.latent_channels
-        shapes = {"image_latents": (1, n, c4), "noise": (1, n, c4),
-                  "image": (1, c.image_channels, *manifest.resolution)}
+        latent = self._latent_shape(manifest.resolution)
+        shapes = {"image_latents": latent, "noise": latent, "image": (1, c.image_channels, *manifest.resolution)}
         for name, shape in shapes.items():
             if name not in base or tuple(base[name].shape) != shape:
                 got = tuple(base[name].shape) if name in base else None
@@ -318,8 +395,7 @@ class Editor:
     @torch.no_grad()
     def finish(self, state: RequestState) -> EditResult:
         """Decode, and paste the template's pixels back outside the mask (off the denoising loop)."""
-        h, w = self.latent_hw
-        decoded = self.model.codec.decode(unpack(state.latents, h, w))
+        decoded = self.model.codec.decode(self._latent_image(state.latents, state.manifest.resolution))
         if state.request.paste_back:
             m = state.mask.pixels.to(decoded.device)[None, None]
             decoded = torch.where(m, decoded, state.template_image.to(decoded.dtype))

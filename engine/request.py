@@ -67,13 +67,16 @@ class RequestState:
     scheduler: object  # this request's own copy: diffusers schedulers are stateful
     timesteps: torch.Tensor
     sigmas: torch.Tensor
-    latents: torch.Tensor  # (1, N, 4C)
-    image_latents: torch.Tensor  # (1, N, 4C) template latents
+    latents: torch.Tensor  # (1, N, 4C) packed tokens (Flux), or a UNet's latent image (1, C, h, w)
+    image_latents: torch.Tensor  # the template's latents, same layout
     noise: torch.Tensor  # (1, N, 4C) the template's noise: unmasked tokens follow its trajectory exactly
     template_image: torch.Tensor  # (1, C, H, W) in [-1, 1], for paste-back
     guidance: torch.Tensor | None  # (1,) distilled guidance value
     cfg_scale: float | None  # true CFG scale, None when the model has no CFG
     cache: Callable[[int], dict[str, torch.Tensor]]  # step -> that step's cache tensors
+    #: (1, N, C_cond) constant extra input channels of every token (FLUX.1-Fill: masked-image latents ++ mask),
+    #: concatenated after the noisy latents at every step; None for models without them
+    cond: torch.Tensor | None = None
     step_index: int = 0
     #: set when the cache failed and the request continues with full compute; says why
     degraded: str | None = None
@@ -94,6 +97,13 @@ class RequestState:
     @property
     def branches(self) -> int:
         return self.text.prompt_embeds.shape[0]
+
+    def model_input(self) -> torch.Tensor:
+        """The denoiser's input: latents, then any conditioning channels (FLUX.1-Fill, a 9-channel UNet)."""
+        if self.cond is None:
+            return self.latents
+        # packed tokens (1, N, C) take channels last; a UNet's latent image (1, C, h, w) takes them on dim 1
+        return torch.cat([self.latents, self.cond], dim=1 if self.latents.ndim == 4 else -1)
 
 
 @dataclass

@@ -32,13 +32,17 @@ def batch_key(state: RequestState) -> tuple:
 
 @torch.no_grad()
 def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] | None = None,
-                 pipeline: PipelineConfig | None = None) -> dict[str, str]:
+                 pipeline: PipelineConfig | None = None, *, predict=None, advance=None) -> dict[str, str]:
     """Advance every state by one step; all must share `batch_key`.
+
+    `predict(transformer, states, shards, use_cache, path, pipeline)` -> (sequences, ...) model outputs and
+    `advance(state, pred)` are the family's (default: Flux, below; the UNet's are in unet/step.py).
 
     Returns {request_id: error} for requests that failed on their own (their cache could not be read, their
     scheduler step raised); those are left untouched and the others advance. An error of the shared
     transformer call propagates: the caller decides how to isolate it (see EngineLoop).
     """
+    predict, advance = predict or _predict, advance or _advance
     failed: dict[str, str] = {}
     if not states:
         return failed
@@ -65,14 +69,14 @@ def denoise_step(transformer, states: list[RequestState], use_cache: list[bool] 
     fallback = [s for s in states if s.degraded is not None]
     preds = {}
     if cached:
-        out = _predict(transformer, cached, shards, use_cache, cached[0].request.path, pipeline)
+        out = predict(transformer, cached, shards, use_cache, cached[0].request.path, pipeline)
         preds.update(_by_state(cached, out))
     if fallback:  # cache lost: these compute every token, like a request that never had a cache
-        preds.update(_by_state(fallback, _predict(transformer, fallback, {}, None, "full")))
+        preds.update(_by_state(fallback, predict(transformer, fallback, {}, None, "full", None)))
     elapsed = time.perf_counter() - start
     for s in states:
         try:
-            _advance(s, preds[id(s)])
+            advance(s, preds[id(s)])
         except Exception as exc:  # noqa: BLE001
             failed[s.request.request_id] = f"{type(exc).__name__}: {exc}"
         s.step_times.append(elapsed)
@@ -116,12 +120,13 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
             use_cache = plan.use_cache if plan is not None else (use_cache or [True] * n_blocks)
             loader = open_loader(pipeline, shard_list, n_blocks, use_cache)
             caches = [StreamedCache(loader, position[id(s)], g) for s, g in seqs]
+        inputs = {id(s): s.model_input() for s in states}
         step = PackedStep(
-            x=torch.cat([s.latents[0, s.mask.index] for s, _ in seqs]),
+            x=torch.cat([inputs[id(s)][0, s.mask.index] for s, _ in seqs]),
             token_index=[s.mask.index for s, _ in seqs],
             prompt_embeds=prompt_embeds, pooled=pooled, timestep=timestep, txt_ids=txt_ids, img_ids=img_ids,
             caches=caches, mode=mode, guidance=guidance, use_cache=use_cache,
-            x_full=torch.cat([s.latents for s, _ in seqs]) if mode == "y" else None,
+            x_full=torch.cat([inputs[id(s)] for s, _ in seqs]) if mode == "y" else None,
             cond_keys=[(cond_digest(s)[g], s.step_index) for s, g in seqs],
         )
         try:
@@ -136,7 +141,7 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
             full[s.mask.index] = part
             preds.append(full)
         return torch.stack(preds)
-    latents = torch.cat([s.latents for s, _ in seqs])
+    latents = torch.cat([s.model_input() for s, _ in seqs])
     if path == "dense":
         keep = torch.stack([s.mask.tokens for s, _ in seqs])
         return dense_forward(transformer, latents, prompt_embeds, pooled, timestep, txt_ids, img_ids, guidance,

@@ -26,7 +26,8 @@ MAX_DILATE = 8
 MAX_PROMPT_CHARS = 2000
 #: how an edit computes each step: the mask-aware path, its dense oracle, or a full recompute without cache
 EDIT_PATHS = ("sparse", "dense", "full")
-CACHE_MODES = ("kv", "y")
+#: "kv" and "y": Flux transformer caches; "o": UNet self-attention outputs (unet/ocache.py)
+CACHE_MODES = ("kv", "y", "o")
 
 
 def is_int(value) -> bool:

@@ -18,6 +18,11 @@ PRESETS: dict[str, dict] = {
     "flux-bench": dict(resolution=512, layers=(2, 4), heads=8, head_dim=32, text_tokens=16, guidance_embeds=True, steps=8),
     # wider blocks (hidden 512): closer to real Flux's compute/overhead balance, for the engine benchmark
     "flux-wide": dict(resolution=512, layers=(2, 4), heads=8, head_dim=64, text_tokens=16, guidance_embeds=True, steps=8),
+    # FLUX.1-Fill-dev's shape: masked-image latents and the 8x8 pixel mask as input channels (64 + 64 + 256 = 384)
+    "flux-fill-tiny": dict(resolution=128, layers=(1, 2), heads=2, head_dim=16, text_tokens=8, guidance_embeds=True,
+                           steps=4, fill=True),
+    "flux-fill-bench": dict(resolution=512, layers=(2, 4), heads=8, head_dim=32, text_tokens=16, guidance_embeds=True,
+                            steps=8, fill=True),
 }
 
 
@@ -47,8 +52,13 @@ def _byte_level_tokenizers(max_clip: int = 77):
 
 
 def build_flux_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Build a FluxInpaintPipeline of the named preset with seeded random weights and save it to `out_dir`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxInpaintPipeline, FluxTransformer2DModel
+    """Build the named preset with seeded random weights and save it to `out_dir`.
+
+    A FluxInpaintPipeline (family "flux"), or a FluxFillPipeline (family "flux-fill") for `fill` presets.
+    """
+    from diffusers import (
+        AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxInpaintPipeline, FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from .loader import _quiet_libraries
@@ -70,21 +80,28 @@ def build_flux_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 32),
                         latent_channels=16, layers_per_block=1, norm_num_groups=8, sample_size=p["resolution"],
                         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    fill = p.get("fill", False)
+    packed = 4 * vae.config.latent_channels  # 2x2 packed latent channels
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    # Fill: noisy latents ++ masked-image latents ++ the pixel mask, one 8x8 patch per latent cell, packed 2x2
+    in_channels = 2 * packed + 4 * vae_scale ** 2 if fill else packed
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=p["layers"][0], num_single_layers=p["layers"][1],
+        patch_size=1, in_channels=in_channels, out_channels=packed if fill else None, num_layers=p["layers"][0],
+        num_single_layers=p["layers"][1],
         attention_head_dim=p["head_dim"], num_attention_heads=p["heads"], joint_attention_dim=text_dim,
         pooled_projection_dim=text_dim, guidance_embeds=p["guidance_embeds"], axes_dims_rope=_rope_axes(p["head_dim"]),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
                                                 max_shift=1.15, use_dynamic_shifting=True)
-    pipe = FluxInpaintPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
-                               text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+    pipe_class = FluxFillPipeline if fill else FluxInpaintPipeline
+    pipe = pipe_class(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                      text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "instgenie_model.json").write_text(json.dumps({
-        "kind": "flux", "model_id": f"{name}-seed{seed}", "family": "flux",
+        "kind": "flux", "model_id": f"{name}-seed{seed}", "family": "flux-fill" if fill else "flux",
         "resolution": [p["resolution"], p["resolution"]], "default_steps": p["steps"],
-        "guidance": "distilled" if p["guidance_embeds"] else "none", "default_guidance_scale": 3.5,
+        "guidance": "distilled" if p["guidance_embeds"] else "none", "default_guidance_scale": 30.0 if fill else 3.5,
         "text_tokens": p["text_tokens"],
     }, indent=2))
     return out

@@ -37,3 +37,27 @@ def tiny_editor(tiny_model, tmp_path):
 @pytest.fixture()
 def small_editor(small_model, tmp_path):
     return Editor(small_model, TemplateStore(DirectoryBlobStore(tmp_path / "store")))
+
+
+@pytest.fixture(scope="session")
+def fill_model(model_root):
+    """flux-fill-tiny: FLUX.1-Fill's input layout (384 channels) on flux-tiny's blocks, guidance-distilled."""
+    return preset_model("flux-fill-tiny", root=model_root)
+
+
+@pytest.fixture()
+def fill_editor(fill_model, tmp_path):
+    return Editor(fill_model, TemplateStore(DirectoryBlobStore(tmp_path / "store")))
+
+
+@pytest.fixture(scope="session")
+def unet_model(model_root):
+    """sd2-inpaint-tiny: a 9-channel SD2-inpainting-shaped UNet (3 levels, 7 transformer blocks), tiny VAE + CLIP."""
+    return preset_model("sd2-inpaint-tiny", root=model_root)
+
+
+@pytest.fixture()
+def unet_editor(unet_model, tmp_path):
+    from instgenie.engine.unet.editor import UNetEditor
+
+    return UNetEditor(unet_model, TemplateStore(DirectoryBlobStore(tmp_path / "store")))
