@@ -70,9 +70,12 @@ test: install tools
 tiny-model: install
 	$(BIN)/python -m instgenie.engine.models.train_digits --out engine/assets/digits
 
-## bench: engine per-step speed, stock diffusers vs KV vs Y mode (JSON + table)
+## bench: engine per-step speed, stock diffusers vs KV vs Y mode (JSON + table); the FLUX.1-Fill preset; the UNet
+## (SD2-inpainting shape) stock vs O-caching
 bench: install
 	$(BIN)/python -m loadtest.engine_bench --json out/engine_bench.json
+	$(BIN)/python -m loadtest.engine_bench --preset flux-fill-bench --json out/engine_bench_fill.json
+	$(BIN)/python -m loadtest.unet_bench --json out/unet_bench.json
 
 ## quality: cached vs full recompute on the trained digits model
 quality: install

@@ -19,6 +19,7 @@ import torch
 
 from instgenie.engine.cache_provider import HostTierProvider
 from instgenie.engine.editor import MAX_STEPS, Editor
+from instgenie.engine.editors import editor_for
 from instgenie.engine.models.loader import load_model, preset_model
 from instgenie.engine.serving.loop import EngineLoop
 from instgenie.engine.template_cache import TemplateManifest, TemplateStore
@@ -27,7 +28,8 @@ from instgenie.worker.v1 import worker_service_pb2 as wpb
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("digits", "flux-tiny", "flux-small", "flux-bench", "flux-wide")
+PRESETS = ("digits", "flux-tiny", "flux-small", "flux-bench", "flux-wide", "flux-fill-tiny", "flux-fill-bench",
+           "sd2-inpaint-tiny", "sd2-inpaint-bench")
 BASE_SHARD = "base.safetensors"
 
 
@@ -119,7 +121,7 @@ class WorkerRuntime:
                 self.editor = instant_editor(self.store, provider)
             else:
                 self.model = self._load_model()
-                self.editor = Editor(self.model, self.store, cache=provider)
+                self.editor = editor_for(self.model, self.store, cache=provider)
             self.text_tokens = self._text_tokens()
             self.loop = EngineLoop(self.editor, max_batch_size=self.config.max_batch_size,
                                    max_tokens_per_step=self.config.max_tokens_per_step,
@@ -160,7 +162,7 @@ class WorkerRuntime:
         return wpb.ModelInfo(
             model_id=info.model_id, width=w, height=h, default_steps=info.default_steps, max_steps=MAX_STEPS,
             guidance=info.guidance, default_guidance_scale=info.default_guidance_scale, scale_factor=scale,
-            image_tokens=(h // scale // 2) * (w // scale // 2), text_tokens=self.text_tokens,
+            image_tokens=self.editor.image_tokens((h, w)), text_tokens=self.text_tokens,
             hidden=int(getattr(tr, "inner_dim", 0)), dual_blocks=len(getattr(tr, "transformer_blocks", [])),
             single_blocks=len(getattr(tr, "single_transformer_blocks", [])),
             in_channels=int(tr.config.in_channels), out_channels=int(tr.config.out_channels or tr.config.in_channels),
