@@ -109,6 +109,13 @@ class UNetEditor(Editor):
             cache=self._template_cache(manifest), cond=self._unet_condition(base["image"], tmask),
         )
 
+    def _template_cache(self, manifest):
+        """Step shards on the model's device: the UNet path reads whole shards (no per-block streaming yet)."""
+        get, device = self.cache.getter(manifest), self.model.device
+        if device.type == "cpu":
+            return get
+        return lambda step: {k: v.to(device, non_blocking=True) for k, v in get(step).items()}
+
     def step(self, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
         """One denoising step; O-caching serves every block from the cache, so `use_cache` is not used."""
         return unet_step(self.model.transformer, states)
