@@ -1,9 +1,11 @@
 """Per-step transformer time: stock diffusers forward vs mask-aware KV mode vs Y mode, beside the FLOP ideal.
 
-    python -m loadtest.engine_bench --json out/engine_bench.json [--preset flux-wide] [--seconds 1.5]
+    python -m loadtest.engine_bench --json out/engine_bench.json [--preset flux-wide] [--seconds 1.5] [--repeats 1]
 
 All variants run in one process on the same model, interleaved round-robin so machine noise hits each alike;
-each cell reports the median (and min) over repeats. Prints a Markdown table and writes JSON.
+each cell reports the median (and min) over its calls. `--repeats N` measures each cell N times in a row and
+reports the median of the N medians per variant (each repeat's own KV and Y efficiency is kept in the JSON).
+Prints a Markdown table and writes JSON.
 KV and Y reuse the AdaLN modulation rows of their sequences across calls, as requests at the same step with
 the same prompt do (transformer/modulation.py); `kv_cold` / `y_cold` recompute them every call.
 """
@@ -58,10 +60,30 @@ def bench_cell(model, batch: int, ratio: float, seconds: float, min_reps: int = 
         row[f"{name}_min_ms"] = min(ts)
     for mode in ("kv", "y"):
         for name in (mode, f"{mode}_cold"):
-            row[f"{name}_speedup"] = row["stock_ms"] / row[f"{name}_ms"]
             row[f"{name}_ideal"] = ideal_speedup(shape, n, text_tokens, computed, mode)
-            row[f"{name}_efficiency"] = row[f"{name}_speedup"] / row[f"{name}_ideal"]
+    return _derive(row)
+
+
+def _derive(row: dict) -> dict:
+    for name in ("kv", "kv_cold", "y", "y_cold"):
+        row[f"{name}_speedup"] = row["stock_ms"] / row[f"{name}_ms"]
+        row[f"{name}_efficiency"] = row[f"{name}_speedup"] / row[f"{name}_ideal"]
     return row
+
+
+def combine(cells: list[dict]) -> dict:
+    """One row from repeats of a cell: the median of each variant's median (ms), min of mins, calls summed."""
+    row = dict(cells[0])
+    for key in cells[0]:
+        if key.endswith("_min_ms"):
+            row[key] = min(c[key] for c in cells)
+        elif key.endswith("_ms"):
+            row[key] = statistics.median(c[key] for c in cells)
+    row["reps"] = sum(c["reps"] for c in cells)
+    row["repeats"] = len(cells)
+    row["repeat_kv_efficiency"] = [c["kv_efficiency"] for c in cells]
+    row["repeat_y_efficiency"] = [c["y_efficiency"] for c in cells]
+    return _derive(row)
 
 
 def markdown(rows: list[dict], preset: str) -> str:
@@ -86,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.1,0.25,0.5")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--seconds", type=float, default=1.5, help="measuring time per cell")
+    ap.add_argument("--repeats", type=int, default=1, help="measure each cell this many times; median of medians")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -94,8 +117,12 @@ def main(argv=None) -> int:
     rows = []
     for batch in map(int, args.batches.split(",")):
         for ratio in map(float, args.ratios.split(",")):
-            rows.append(bench_cell(model, batch, ratio, args.seconds))
-            print(f"batch {batch} ratio {ratio}: done", file=sys.stderr)
+            cells = []
+            for _ in range(args.repeats):
+                cells.append(bench_cell(model, batch, ratio, args.seconds))
+                print(f"batch {batch} ratio {ratio}: KV {100 * cells[-1]['kv_efficiency']:.0f}% of ideal",
+                      file=sys.stderr, flush=True)
+            rows.append(combine(cells))
     print(markdown(rows, args.preset))
     result = {"preset": args.preset, "threads": args.threads, "torch": torch.__version__, "rows": rows}
     if args.json:
