@@ -6,11 +6,13 @@ Compute: the real `Editor.step` (the engine loop's step: cache reads, packed spa
 inpaint blend) over a grid of batch size x masked tokens per request x cache mode, each cell the fastest
 (`--statistic min`, default) or the median of `--repeats` consecutive steps after a warm-up (consecutive, as
 the engine loop steps one batch again and again with warm CPU caches; interleaving the cells measured a lower
-R² on the digits model); fitted as seconds = a * FLOPs(batch) + c * requests + b (FLOPs from engine/flops.py,
-guidance branches included; c is the step loop's per-request work, see services/scheduler/profile.py; the
-plain a * FLOPs + b fit is reported beside it). Transfers: step-shard-shaped blobs of a range of sizes read from the
-object store the way a worker reads them (get, sha256, safetensors parse), and host -> device copies (CUDA: pinned, non
-blocking, synchronised). A CPU worker has no device link: it reads caches in host memory in place, so the
+R² on the digits model); fitted as seconds = a * FLOPs(batch) + d * X(batch) + c * requests + b (FLOPs from
+engine/flops.py counted the way this engine attends in KV mode, guidance branches included; X the split KV
+attention's masked passes over the template's cached keys, on CPU, where they run slower per FLOP; c is the step
+loop's per-request work, see services/scheduler/profile.py; the plain a * FLOPs + b fit and the v1 form,
+a * FLOPs(joint) + c * requests + b, are reported beside it). Transfers: step-shard-shaped blobs of a range of
+sizes read from the object store the way a worker reads them (get, sha256, safetensors parse), and host ->
+device copies (CUDA: pinned, non blocking, synchronised). A CPU worker has no device link: it reads caches in host memory in place, so the
 profile records no host -> device transfer unless `--link-bandwidth` models one (as engine/pipeline.py's
 BandwidthModel does); the host memcpy rate is measured and kept as a detail either way.
 """
@@ -124,10 +126,13 @@ def measure_compute(editor, batches: list[int], masks: list[float], modes: list[
                     progress=None) -> dict:
     """Median step seconds per (batch, masked tokens, mode) cell, with its FLOPs; pre/post seconds per request."""
     from instgenie.engine.request import EditRequest
-    from instgenie.services.scheduler.costmodel import request_flops
+    from instgenie.engine.transformer.attention import lse_split_available
+    from instgenie.services.scheduler.costmodel import request_cached_flops, request_flops
 
     model = editor.model
     device = str(model.device)
+    # the KV attention sparse_forward takes on this device and dtype: the FLOPs are counted as it computes them
+    kv_attention = "split" if lse_split_available(model.device, model.transformer.dtype) else "joint"
     steps = warmup + repeats
     templates = {mode: editor.register_template(_template_image(model), "3", mode=mode, seed=0, steps=steps)
                  for mode in modes}
@@ -169,12 +174,14 @@ def measure_compute(editor, batches: list[int], masks: list[float], modes: list[
                 editor.finish(states[0])
                 _sync(device)
                 post.append(time.perf_counter() - t0)
-                flops = batch * request_flops(shape, tokens, mode)
+                flops = batch * request_flops(shape, tokens, mode, kv_attention)
                 cells.append({"mode": mode, "batch": batch, "tokens": tokens, "flops": flops,
+                              "cached_attention_flops": batch * request_cached_flops(shape, tokens, mode, kv_attention),
+                              "flops_joint": batch * request_flops(shape, tokens, mode),
                               "median_seconds": statistics.median(times), "min_seconds": min(times)})
                 if progress:
                     progress(cells[-1])
-    return {"shape": shape, "cells": cells, "pre_seconds": statistics.median(pre),
+    return {"shape": shape, "cells": cells, "kv_attention": kv_attention, "pre_seconds": statistics.median(pre),
             "post_seconds": statistics.median(post), "template_steps": steps}
 
 
@@ -241,11 +248,21 @@ def fit_profile(model, kind: str, compute: dict, store_points: list[dict], copy_
 
     cells = compute["cells"]
     ys = [c["seconds"] for c in cells]
-    fit = Regression.fit(["flops", "requests", "one"], [[c["flops"], c["batch"], 1.0] for c in cells], ys)
+    # d only when the grid has cached-key passes to fit it on (a GPU's joint buffer, a y-only grid: none)
+    names = ["flops", "cached_attention_flops", "requests", "one"]
+    if not any(c["cached_attention_flops"] for c in cells):
+        names.remove("cached_attention_flops")
+
+    def row(c):
+        return [c[n] if n in c else (c["batch"] if n == "requests" else 1.0) for n in names]
+
+    fit = Regression.fit(names, [row(c) for c in cells], ys)
+    v1 = Regression.fit(["flops_joint", "requests", "one"], [[c["flops_joint"], c["batch"], 1.0] for c in cells], ys)
     plain = LinearFit.fit([c["flops"] for c in cells], ys)
     for c in cells:
-        c["fitted"] = fit([c["flops"], c["batch"], 1.0])
+        c["fitted"] = fit(row(c))
         c["residual_pct"] = 100.0 * (c["seconds"] - c["fitted"]) / c["seconds"]
+        c["fitted_v1"] = v1([c["flops_joint"], c["batch"], 1.0])
         c["fitted_plain"] = plain(c["flops"])
     store_fit = LinearFit.fit([p["bytes"] for p in store_points], [p["seconds"] for p in store_points])
     copy_fit = LinearFit.fit([p["bytes"] for p in copy_points], [p["seconds"] for p in copy_points])
@@ -266,6 +283,9 @@ def fit_profile(model, kind: str, compute: dict, store_points: list[dict], copy_
         "shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__},
         "compute_fit": {"r2": fit.r2, "rmse_seconds": fit.rmse, "max_rel_residual": fit.max_rel_residual,
                         "points": fit.points},
+        "compute_fit_v1": {"form": "seconds = a * flops(joint KV attention) + c * requests + b",
+                           "a": v1.coef("flops_joint"), "b": v1.coef("one"), "c": v1.coef("requests"), "r2": v1.r2,
+                           "rmse_seconds": v1.rmse, "max_rel_residual": v1.max_rel_residual},
         "compute_fit_plain": {"form": "seconds = a * flops + b", "a": plain.slope, "b": plain.intercept,
                               "r2": plain.r2, "rmse_seconds": plain.rmse, "max_rel_residual": plain.max_rel_residual},
         "compute_cells": cells,
@@ -276,9 +296,12 @@ def fit_profile(model, kind: str, compute: dict, store_points: list[dict], copy_
         "host_copy_points": copy_points,
         "template_steps_used": compute["template_steps"],
     })
+    d = fit.coef("cached_attention_flops") if "cached_attention_flops" in names else 0.0
     return Profile(model_id=model.info.model_id, device_kind=kind, compute_a=fit.coef("flops"),
-                   compute_b=fit.coef("one"), compute_c=fit.coef("requests"), compute_r2=fit.r2, store_to_host=store, host_to_device=h2d, pre_seconds=compute["pre_seconds"],
-                   post_seconds=compute["post_seconds"], config_hash=model.info.config_hash, details=details)
+                   compute_b=fit.coef("one"), compute_c=fit.coef("requests"), compute_r2=fit.r2, store_to_host=store,
+                   host_to_device=h2d, pre_seconds=compute["pre_seconds"], post_seconds=compute["post_seconds"],
+                   config_hash=model.info.config_hash, details=details, compute_d=d,
+                   kv_attention=compute.get("kv_attention", "joint"))
 
 
 # ----------------------------------------------------------------------------------------------- command
@@ -335,21 +358,27 @@ def profile(args, progress=None):
 def report(profile) -> str:
     """Fits, R², and every point's residual, as text tables."""
     d = profile.details
-    cf, plain = d["compute_fit"], d["compute_fit_plain"]
+    cf, plain, v1 = d["compute_fit"], d["compute_fit_plain"], d.get("compute_fit_v1")
     lines = [f"profile {profile.profile_id}", "",
-             f"compute  = {profile.compute_a:.4e} s/FLOP x FLOPs + {profile.compute_c * 1e3:.3f} ms x requests + "
+             f"compute  = {profile.compute_a:.4e} s/FLOP x FLOPs + {profile.compute_d:.4e} s/FLOP x cached-key "
+             f"attention FLOPs ({profile.kv_attention} KV attention) + {profile.compute_c * 1e3:.3f} ms x requests + "
              f"{profile.compute_b * 1e3:.3f} ms   (R² = {profile.compute_r2:.4f}, RMSE {cf['rmse_seconds'] * 1e3:.3f} "
              f"ms, worst residual {100 * cf['max_rel_residual']:.1f} %, {cf['points']} cells, "
              f"{d['torch_threads']} torch threads, {d['statistic']} of {d.get('repeats', '?')} steps per cell, "
              f"load average {d['loadavg_before_after'][0]:.2f} before / {d['loadavg_before_after'][1]:.2f} after)",
              f"           = {1 / profile.compute_a / 1e9:.2f} GFLOP/s effective" if profile.compute_a > 0 else "",
+             f"v1 form, a * FLOPs(joint) + c * requests + b: {v1['a']:.4e} s/FLOP, {v1['c'] * 1e3:.3f} ms, "
+             f"{v1['b'] * 1e3:.3f} ms   (R² = {v1['r2']:.4f}, worst residual {100 * v1['max_rel_residual']:.1f} %)"
+             if v1 else None,
              f"a * FLOPs + b alone: {plain['a']:.4e} s/FLOP x FLOPs + {plain['b'] * 1e3:.3f} ms   "
              f"(R² = {plain['r2']:.4f}, worst residual {100 * plain['max_rel_residual']:.1f} %)",
-             "", "| mode | batch | tokens/request | GFLOPs | measured ms | fitted ms | residual |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| mode | batch | tokens/request | GFLOPs | of which cached-key | measured ms | fitted ms | residual "
+             "| v1 fit residual |", "|---|---|---|---|---|---|---|---|---|"]
     for c in d["compute_cells"]:
+        old = (f"{100.0 * (c['seconds'] - c['fitted_v1']) / c['seconds']:+.1f} %" if "fitted_v1" in c else "")
         lines.append(f"| {c['mode']} | {c['batch']} | {c['tokens']} | {c['flops'] / 1e9:.3f} | "
-                     f"{c['seconds'] * 1e3:.2f} | {c['fitted'] * 1e3:.2f} | {c['residual_pct']:+.1f} % |")
+                     f"{c.get('cached_attention_flops', 0.0) / 1e9:.3f} | {c['seconds'] * 1e3:.2f} | "
+                     f"{c['fitted'] * 1e3:.2f} | {c['residual_pct']:+.1f} % | {old} |")
     s = profile.store_to_host
     lines += ["", f"store -> host = bytes / {s.bandwidth / 1e6:.1f} MB/s + {s.latency * 1e3:.2f} ms   "
               f"(R² = {s.r2:.4f}; {s.source})", "", "| MiB | measured ms | fitted ms | residual |", "|---|---|---|---|"]

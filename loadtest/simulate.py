@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instgenie.services.scheduler.costmodel import FittedCostModel, ModelShape, request_flops
+from instgenie.services.scheduler.costmodel import CostModel, FittedCostModel, ModelShape
 from instgenie.services.scheduler.placement import PlacementRequest, make_policy
 from instgenie.services.scheduler.predictions import WorkerAccuracy, summarise
 from instgenie.services.scheduler.profile import Profile
@@ -91,10 +91,11 @@ def capacity(profile: Profile, shape: ModelShape, cfg: SimConfig) -> float:
     """Requests/s one worker sustains with full batches of the mean request (as profiled)."""
     mean_ratio = {"production": 0.1113, "public": 0.1901}.get(cfg.dist, 0.15)
     tokens = max(1, round(mean_ratio * shape.image_tokens))
-    flops = request_flops(shape, tokens)
+    cost = FittedCostModel(profile)  # the scheduler's own FLOP count and step time, d term included
+    flops = cost.request_flops(shape, tokens)
     steps = float(np.mean(cfg.template_steps))
     b = cfg.max_batch
-    per_step = profile.step_seconds(b * flops, b)
+    per_step = cost.step_time(b * flops, b)
     return b / (steps * per_step)
 
 
@@ -122,7 +123,9 @@ def arrivals(rate: float, n: int, kind: str, rng: np.random.Generator) -> np.nda
     return np.asarray(out)
 
 
-def make_trace(cfg: SimConfig, shape: ModelShape, rate: float) -> list[SimRequest]:
+def make_trace(cfg: SimConfig, shape: ModelShape, rate: float, cost: CostModel | None = None) -> list[SimRequest]:
+    """The requests of one run; their per-step FLOPs as `cost` counts them (the simulation's fitted model)."""
+    cost = cost or CostModel()
     rng = np.random.default_rng(cfg.seed)
     times = arrivals(rate, cfg.requests, cfg.arrivals, rng)
     ratios = sample_ratios(cfg.dist, cfg.requests, rng)
@@ -134,8 +137,8 @@ def make_trace(cfg: SimConfig, shape: ModelShape, rate: float) -> list[SimReques
     for i in range(cfg.requests):
         tokens = max(1, int(round(ratios[i] * shape.image_tokens)))
         steps = int(steps_of[picks[i]])
-        reqs.append(SimRequest(i, float(times[i]), f"t{picks[i]:04d}", tokens, steps, request_flops(shape, tokens),
-                               cache_bytes(shape, steps)))
+        reqs.append(SimRequest(i, float(times[i]), f"t{picks[i]:04d}", tokens, steps,
+                               cost.request_flops(shape, tokens), cache_bytes(shape, steps)))
     return reqs
 
 
@@ -265,7 +268,7 @@ class Simulation:
 def run_one(cfg: SimConfig, profile: Profile) -> dict:
     sim = Simulation(cfg, profile)
     rate = cfg.load * cfg.workers * capacity(profile, sim.shape, cfg)
-    trace = make_trace(cfg, sim.shape, rate)
+    trace = make_trace(cfg, sim.shape, rate, sim.cost)
     row = sim.run(trace)
     row["rate"] = rate
     return row

@@ -4,7 +4,8 @@ an LRU of templates, and an object-store link, with step and transfer times from
 What a simulated worker does is what the real one does (engine/serving/, engine/cache_provider.py):
 * a placed request starts pre-processing at once (`pre_seconds`) while its template's cache starts loading;
   then it waits in FCFS order and joins the running batch at a step boundary when there is room;
-* a step takes the batch's time, `a * FLOPs + c * requests + b` of the profile times the worker's true
+* a step takes the batch's time, `a * FLOPs + c * requests + b` of the profile (FLOPs as the cost model's
+  `request_flops` counts them, the d term folded in) times the worker's true
   speed (1 = as profiled); it cannot start before every member's step shard for that step is in host memory
   (the real engine blocks the whole batch on a missing shard the same way);
 * the link loads one template at a time, shard after shard, at `store_to_host`'s bandwidth plus its

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from instgenie import cli
-from instgenie.services.scheduler.costmodel import FittedCostModel
+from instgenie.services.scheduler.costmodel import FittedCostModel, ModelShape
 from instgenie.services.scheduler.profile import Profile
 
 GRID = ["--batches", "1,3", "--masks", "0.25,1.0", "--modes", "kv,y", "--repeats", "2", "--warmup", "1",
@@ -29,9 +29,16 @@ def test_profile_measures_fits_and_writes_a_profile_the_scheduler_loads(tmp_path
     assert prof.store_to_host.bandwidth > 0 and len(prof.details["store_points"]) == 3
     # CPU: no device link of its own; --link-bandwidth models one, and says so.
     assert prof.host_to_device.bandwidth == 2e9 and prof.host_to_device.source.startswith("modelled")
+    # On CPU the engine splits KV attention into a pass over the cached keys and one over the fresh rows: the
+    # FLOPs are counted that way and the masked pass gets its own rate d (0 at a full mask, 0 in Y mode).
+    assert prof.kv_attention == "split" and prof.compute_d >= 0
+    assert all((c["cached_attention_flops"] > 0) == (c["mode"] == "kv" and c["tokens"] < 64) for c in cells)
+    assert "v1 form" in text and prof.details["compute_fit_v1"]["r2"] <= 1.0
     cost = FittedCostModel(prof)
-    for c in cells:  # the scheduler's step time is the fit the profile reports
-        assert cost.step_time(c["flops"], c["batch"]) == pytest.approx(c["fitted"])
+    shape = ModelShape(**prof.details["shape"])
+    for c in cells:  # the scheduler's FLOP count and step time give the fit the profile reports
+        flops = c["batch"] * cost.request_flops(shape, c["tokens"], c["mode"])
+        assert cost.step_time(flops, c["batch"]) == pytest.approx(c["fitted"])
     assert prof.pre_seconds > 0 and prof.post_seconds > 0
 
 

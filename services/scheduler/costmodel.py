@@ -1,7 +1,9 @@
 """How long a worker takes: a denoising step of a batch, and bringing a template's cache closer to its device.
 
-compute(step)  = a * FLOPs(batch) + c * n + b     FLOPs from engine/flops.py over every sequence of the batch,
-                                                  n requests in it
+compute(step)  = a * FLOPs(batch) + d * X(batch) + c * n + b
+                                                  FLOPs from engine/flops.py over every sequence of the batch,
+                                                  counted as the profiled engine attends in KV mode; X its
+                                                  split-attention passes over cached keys; n requests in it
 store -> host  = bytes / bandwidth + objects * c  a template's cache is one object per step
 host -> device = bytes / bandwidth + c            per step, the batch's step shards; overlapped with compute
                                                   by the bubble-free pipeline, so a step takes max(both)
@@ -9,13 +11,17 @@ host -> device = bytes / bandwidth + c            per step, the batch's step sha
 `FittedCostModel` takes its constants from a device profile (`instgenie profile`, see profile.py);
 `AnalyticalCostModel` from configured throughput, per-step overhead and store bandwidth (no profile).
 Workers describe their model with the fields of worker.v1.ModelInfo, which is all the FLOP count needs.
+
+`CostModel.request_flops` is the one per-request figure the scheduler, the placement timeline and the simulator
+sum over a batch and feed to `step_time`. A fitted model with a d term folds it in as FLOPs at the dense rate,
+FLOPs + (d / a) * X, so every step stays a * sum + c * n + b (the linear fast path of placement).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-from instgenie.engine.flops import FluxShape, step_flops
+from instgenie.engine.flops import FluxShape, cached_attention_flops, step_flops
 
 from .profile import Profile
 
@@ -44,12 +50,32 @@ class ModelShape:
         return FluxShape(self.dual_blocks, self.single_blocks, self.hidden, self.in_channels, self.out_channels)
 
 
+def _computed(shape: ModelShape, tokens: int) -> int:
+    return max(1, min(int(tokens), shape.image_tokens or int(tokens)))
+
+
 @lru_cache(maxsize=65536)
-def request_flops(shape: ModelShape, tokens: int, mode: str = "kv") -> float:
-    """FLOPs of one request's denoising step computing `tokens` masked tokens, every guidance branch included."""
+def request_flops(shape: ModelShape, tokens: int, mode: str = "kv", kv_attention: str = "joint",
+                  cached_weight: float = 0.0) -> float:
+    """FLOPs of one request's denoising step computing `tokens` masked tokens, every guidance branch included,
+    KV attention counted as `kv_attention`; plus `cached_weight` x its cached-key attention FLOPs (a fitted
+    profile's d / a: that pass's surcharge expressed in FLOPs at the dense rate)."""
     mode = mode if mode in ("kv", "y") else "kv"
-    computed = max(1, min(int(tokens), shape.image_tokens or int(tokens)))
-    return step_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed=computed, mode=mode) * shape.branches
+    computed = _computed(shape, tokens)
+    flops = step_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed=computed, mode=mode,
+                       kv_attention=kv_attention)
+    if cached_weight and mode == "kv":
+        flops += cached_weight * cached_attention_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed,
+                                                        kv_attention)
+    return flops * shape.branches
+
+
+def request_cached_flops(shape: ModelShape, tokens: int, mode: str = "kv", kv_attention: str = "joint") -> float:
+    """FLOPs of one request's split KV attention passes over cached keys (the d term's regressor), every branch."""
+    if mode != "kv":
+        return 0.0
+    return cached_attention_flops(shape.flux, shape.image_tokens, shape.text_tokens, _computed(shape, tokens),
+                                  kv_attention) * shape.branches
 
 
 class CostModel:
@@ -120,6 +146,10 @@ class FittedCostModel(CostModel):
         self.profile = profile
         self.name = profile.profile_id
         self.a, self.b, self.c = profile.compute_a, profile.compute_b, profile.compute_c
+        self.d, self.kv_attention = profile.compute_d, profile.kv_attention
+        # d folded into FLOP-equivalents; a profile whose a was pinned to 0 cannot express it that way (never
+        # seen: a step's time grows with its FLOPs), so there d is dropped rather than divided by zero
+        self.cached_weight = self.d / self.a if self.a > 0 else 0.0
         self.store = profile.store_to_host
         self.device = profile.host_to_device
         self.pre_seconds, self.post_seconds = profile.pre_seconds, profile.post_seconds
@@ -137,6 +167,9 @@ class FittedCostModel(CostModel):
     @property
     def linear(self) -> tuple[float, float, float] | None:
         return None if self.device is not None else (self.a, self.b, self.c)
+
+    def request_flops(self, shape: ModelShape, tokens: int, mode: str = "kv") -> float:
+        return request_flops(shape, tokens, mode, self.kv_attention, self.cached_weight)
 
     def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
         return self.store.seconds(cache_bytes, objects)

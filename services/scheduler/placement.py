@@ -10,7 +10,8 @@ transfer when loading, all of it when cold. Ties go to the worker holding the te
 least loaded. Each worker is predicted with its own cost model (its device profile) scaled by its online speed
 correction (predictions.py).
 
-With a linear cost model (a step is a * FLOPs + c * requests + b) the prediction is exact and cheap: the
+With a linear cost model (a step is a * FLOPs + c * requests + b, FLOPs from `cost.request_flops`, which folds
+a profile's cached-key attention term d in) the prediction is exact and cheap: the
 worker's batch without the new request is simulated once into a `Timeline` (kept on the view until the worker
 changes), and adding a request of f FLOPs that joins at step j and runs S steps only lengthens each of those
 steps by a * f + c (it cannot delay anyone: FCFS admitted everybody ahead of it before it could join), so it

@@ -3,13 +3,18 @@
 `instgenie profile` measures a worker's denoising step over a grid of (batch size, masked tokens, cache mode)
 and its cache transfers over a range of sizes, then fits by least squares
 
-    compute  = a * FLOPs(batch) + c * requests + b    seconds per denoising step of a packed batch
+    compute  = a * FLOPs(batch) + d * cached-attention FLOPs(batch) + c * requests + b
+                                                      seconds per denoising step of a packed batch
     transfer = bytes / bandwidth + latency            object store -> host memory, and host memory -> device
 
 and writes a JSON file. The per-request term c is the issue's `a * FLOPs + b` made honest: the step loop does
 per-request work (scheduler step, inpaint blend, cache lookup) that FLOPs do not count, and it dominates on
 small models (docs/results/profile.md has both fits). The two-term fit is kept in the profile's details for
-comparison. The scheduler loads profiles (`--profile`) and predicts each worker's time with the one the worker
+comparison. The d term is the surcharge of split KV attention's masked pass over the template's cached keys
+(engine/flops.py, CPU workers): a masked kernel over every cached row runs slower per FLOP than the dense work;
+`kv_attention` says which KV attention the profiled engine ran, so the scheduler counts FLOPs the same way.
+Format v2 adds both; a v1 file loads with d = 0 and "joint" (the FLOP count it was fitted with), under the
+same profile id. The scheduler loads profiles (`--profile`) and predicts each worker's time with the one the worker
 announces (`WorkerInfo.profile` = `Profile.profile_id`). Pure Python: the scheduler imports it
 without torch or numpy.
 """
@@ -21,7 +26,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA = "instgenie.profile/v1"
+SCHEMA = "instgenie.profile/v2"
+#: files this code reads; v1 has no d term and counted KV attention as one joint key buffer
+SCHEMAS = ("instgenie.profile/v1", SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,10 @@ class Profile:
     post_seconds: float = 0.0
     compute_c: float = 0.0
     config_hash: str = ""
+    #: seconds per FLOP of split KV attention's passes over cached keys, on top of compute_a (format v2)
+    compute_d: float = 0.0
+    #: how the profiled engine attends in KV mode: "joint" key buffer or "split" (engine/flops.py)
+    kv_attention: str = "joint"
     #: everything else worth keeping: measured points and residuals, threads, versions, store, grid
     details: dict = field(default_factory=dict)
 
@@ -189,6 +200,8 @@ class Profile:
         consts = [self.model_id, self.device_kind, self.config_hash, self.compute_a, self.compute_b, self.compute_c,
                   asdict(self.store_to_host), asdict(self.host_to_device) if self.host_to_device else None,
                   self.pre_seconds, self.post_seconds]
+        if self.compute_d or self.kv_attention != "joint":  # appended only when set: a v1 file keeps its id
+            consts += [self.compute_d, self.kv_attention]
         return hashlib.sha256(json.dumps(consts, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
@@ -200,15 +213,17 @@ class Profile:
     def key(self) -> tuple[str, str]:
         return self.model_id, self.device_kind
 
-    def step_seconds(self, flops: float, requests: int = 1) -> float:
-        return self.compute_a * flops + self.compute_c * requests + self.compute_b
+    def step_seconds(self, flops: float, requests: int = 1, cached_flops: float = 0.0) -> float:
+        """flops: the batch's FLOPs counted with `kv_attention`; cached_flops: its cached-key attention share."""
+        return self.compute_a * flops + self.compute_d * cached_flops + self.compute_c * requests + self.compute_b
 
     # ------------------------------------------------------------------------------------------- files
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "profile_id": self.profile_id, "model_id": self.model_id,
                 "device_kind": self.device_kind, "config_hash": self.config_hash,
-                "compute": {"form": "seconds = a * flops + c * requests + b", "a": self.compute_a,
-                            "b": self.compute_b, "c": self.compute_c, "r2": self.compute_r2},
+                "compute": {"form": "seconds = a * flops + d * cached_attention_flops + c * requests + b",
+                            "a": self.compute_a, "b": self.compute_b, "c": self.compute_c, "d": self.compute_d,
+                            "kv_attention": self.kv_attention, "r2": self.compute_r2},
                 "store_to_host": asdict(self.store_to_host),
                 "host_to_device": asdict(self.host_to_device) if self.host_to_device else None,
                 "request": {"pre_seconds": self.pre_seconds, "post_seconds": self.post_seconds},
@@ -216,8 +231,8 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"not a profile (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+        if data.get("schema") not in SCHEMAS:
+            raise ValueError(f"not a profile (schema {data.get('schema')!r}, expected one of {SCHEMAS})")
         try:
             compute, request = data["compute"], data.get("request", {})
             h2d = data.get("host_to_device")
@@ -229,10 +244,14 @@ class Profile:
                 host_to_device=Transfer(**h2d) if h2d else None,
                 pre_seconds=float(request.get("pre_seconds", 0.0)),
                 post_seconds=float(request.get("post_seconds", 0.0)),
-                config_hash=data.get("config_hash", ""), details=data.get("details", {}))
+                config_hash=data.get("config_hash", ""), details=data.get("details", {}),
+                compute_d=float(compute.get("d", 0.0)), kv_attention=str(compute.get("kv_attention", "joint")))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed profile: {exc!r}") from None
-        if min(profile.compute_a, profile.compute_b, profile.compute_c) < 0 or profile.store_to_host.bandwidth <= 0:
+        if profile.kv_attention not in ("joint", "split"):
+            raise ValueError(f"malformed profile: kv_attention {profile.kv_attention!r}")
+        constants = (profile.compute_a, profile.compute_b, profile.compute_c, profile.compute_d)
+        if min(constants) < 0 or profile.store_to_host.bandwidth <= 0:
             raise ValueError(f"profile {profile.profile_id} has negative or zero constants")
         stated = data.get("profile_id")
         if stated and stated != profile.profile_id:

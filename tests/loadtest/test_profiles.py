@@ -7,7 +7,7 @@ import pytest
 
 from instgenie.scheduler.v1 import scheduler_service_pb2 as spb
 from instgenie.services.scheduler.__main__ import parse_args
-from instgenie.services.scheduler.costmodel import ModelShape, request_flops
+from instgenie.services.scheduler.costmodel import ModelShape, request_cached_flops, request_flops
 from instgenie.services.scheduler.profile import Profile, load_profiles
 from instgenie.services.scheduler.registry import Registry
 from instgenie.worker.v1 import worker_service_pb2 as wpb
@@ -41,7 +41,11 @@ def test_a_committed_profile_round_trips_into_the_scheduler(path, tmp_path):
     # The scheduler counts a cell's FLOPs as the profiler did, and its step time is the profile's fitted value.
     model = ModelShape(**shape)
     for cell in prof.details["compute_cells"]:
-        assert cell["batch"] * request_flops(model, cell["tokens"], cell["mode"]) == pytest.approx(cell["flops"])
-        assert cost.step_time(cell["flops"], cell["batch"]) == pytest.approx(cell["fitted"])
+        tokens, mode, batch = cell["tokens"], cell["mode"], cell["batch"]
+        assert batch * request_flops(model, tokens, mode, prof.kv_attention) == pytest.approx(cell["flops"])
+        assert batch * request_cached_flops(model, tokens, mode, prof.kv_attention) == pytest.approx(
+            cell.get("cached_attention_flops", 0.0))
+        # what placement and the simulator sum per request: FLOPs with the d term folded in
+        assert cost.step_time(batch * cost.request_flops(model, tokens, mode), batch) == pytest.approx(cell["fitted"])
     for point in prof.details["store_points"]:
         assert cost.transfer_seconds(point["bytes"]) == pytest.approx(point["fitted"])
