@@ -38,9 +38,8 @@ TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768
 RATIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: |actual - predicted| / predicted of a placement's finish-time prediction
 RELATIVE_ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
-#: actual - predicted, seconds (negative: sooner than predicted)
-ERROR_SECONDS_BUCKETS = (-60.0, -30.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5,
-                         1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+#: |actual - predicted|, seconds
+ERROR_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: every histogram of the services and its buckets (a View each; a histogram missing here would get
 #: OpenTelemetry's default buckets, which stop at 10 s)
 HISTOGRAM_BUCKETS = {
@@ -49,7 +48,7 @@ HISTOGRAM_BUCKETS = {
     "instgenie_request_inference_seconds": LATENCY_BUCKETS,
     "instgenie_worker_queue_seconds": LATENCY_BUCKETS,
     "instgenie_request_mask_ratio": RATIO_BUCKETS,
-    "instgenie_scheduler_prediction_error_seconds": ERROR_SECONDS_BUCKETS,
+    "instgenie_scheduler_prediction_abs_error_seconds": ERROR_SECONDS_BUCKETS,
     "instgenie_scheduler_prediction_relative_error": RELATIVE_ERROR_BUCKETS,
     "instgenie_worker_step_seconds": STEP_BUCKETS,
     "instgenie_worker_batch_size": BATCH_BUCKETS,

@@ -28,9 +28,15 @@ class SchedulerMetrics:
         self.inference = m.create_histogram(
             "instgenie_request_inference_seconds", unit="s",
             description="Edits: first step until the result reached the scheduler (denoising and decoding)")
-        self.error = m.create_histogram(
-            "instgenie_scheduler_prediction_error_seconds", unit="s",
-            description="Placement-time finish prediction error: actual - predicted seconds")
+        self.abs_error = m.create_histogram(
+            "instgenie_scheduler_prediction_abs_error_seconds", unit="s",
+            description="Placement-time finish prediction error: |actual - predicted| seconds")
+        # OpenTelemetry histograms take no negative values: the sign goes to two counters (mean signed error =
+        # (late - early) / count)
+        self.late = m.create_counter("instgenie_scheduler_prediction_late", unit="s",
+                                     description="Seconds edits finished after their prediction, summed")
+        self.early = m.create_counter("instgenie_scheduler_prediction_early", unit="s",
+                                      description="Seconds edits finished before their prediction, summed")
         self.relative_error = m.create_histogram(
             "instgenie_scheduler_prediction_relative_error",
             description="Placement-time finish prediction error: |actual - predicted| / predicted")

@@ -354,7 +354,10 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
             self.metrics.inference.record(now - tracked.started_at, labels)
         if tracked.predicted > 0:
             actual = now - tracked.placed_at
-            self.metrics.error.record(actual - tracked.predicted, labels)
+            error = actual - tracked.predicted
+            self.metrics.abs_error.record(abs(error), labels)
+            self.metrics.late.add(max(0.0, error), labels)  # both, so that both series exist
+            self.metrics.early.add(max(0.0, -error), labels)
             self.metrics.relative_error.record(abs(actual - tracked.predicted) / tracked.predicted, labels)
 
     async def _run(self, flight: Flight, place: PlacementRequest, deadline: float, call, response_type) -> None:

@@ -128,20 +128,35 @@ def test_the_helm_test_hook_runs_a_real_edit_against_the_gateway_service():
 
 
 def test_dashboards_are_one_configmap_for_the_grafana_sidecar(tmp_path):
-    assert not [m for m in render() if m["kind"] == "ConfigMap"], "no dashboard files: no ConfigMap"
+    cm = find(render(), "ConfigMap", "-dashboards")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["instgenie.json"]) == json.loads((CHART / "dashboards" / "instgenie.json").read_text())
+    assert set(cm["data"]) == {"instgenie.json"}, "only *.json files"
     chart = tmp_path / "instgenie"
     shutil.copytree(CHART, chart)
-    dashboard = json.dumps({"title": "InstGenIE", "uid": "instgenie", "schemaVersion": 39, "panels": []})
-    (chart / "dashboards" / "instgenie.json").write_text(dashboard)
+    extra = json.dumps({"title": "More", "uid": "more", "schemaVersion": 39, "panels": []})
+    (chart / "dashboards" / "more.json").write_text(extra)
     cm = find(render(None, chart=chart), "ConfigMap", "-dashboards")
-    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["instgenie.json"]) == json.loads(dashboard)
-    assert set(cm["data"]) == {"instgenie.json"}, "only *.json files"
+    assert set(cm["data"]) == {"instgenie.json", "more.json"} and json.loads(cm["data"]["more.json"]) == json.loads(extra)
     assert not [m for m in render(None, "dashboards.enabled=false", chart=chart) if m["kind"] == "ConfigMap"]
 
 
+def test_the_dashboard_queries_only_instgenie_metrics_the_services_export():
+    """Every metric name in the dashboard's PromQL is one the services create (the Prometheus test runs them)."""
+    import re
+
+    board = json.loads((CHART / "dashboards" / "instgenie.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    names = {re.sub(r"_(bucket|sum|count|total)$", "", n) for e in exprs for n in re.findall(r"instgenie_\w+", e)}
+    sources = "".join(p.read_text() for p in (CHART.parents[1] / "services").rglob("*.py"))
+    for name in names:
+        base = re.sub(r"_(bytes|seconds)$", "", name)
+        assert f'"{name}"' in sources or f'"{base}"' in sources, name
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+
+
 def test_the_cost_model_profile_is_mounted_into_the_scheduler():
-    assert not [m for m in render() if m["kind"] == "ConfigMap"]
+    assert not [m for m in render() if m["kind"] == "ConfigMap" and m["metadata"]["name"].endswith("-cost-model")]
     manifests = render("full")
     cm = find(manifests, "ConfigMap", "-cost-model")
     assert json.loads(cm["data"]["profile.json"])["r2"] == 0.998
@@ -153,12 +168,18 @@ def test_the_cost_model_profile_is_mounted_into_the_scheduler():
 
 
 def test_metrics_ports_and_the_service_monitor():
-    for m in render():
+    for component in ("gateway", "scheduler", "worker"):  # on by default: every service serves /metrics
+        env = env_of(container(find(render(), "Deployment", f"-{component}")))
+        assert env["INSTGENIE_METRICS_LISTEN"]["value"] == "0.0.0.0:9464"
+        assert "INSTGENIE_OTLP_ENDPOINT" not in env
+    for m in render(None, "metrics.enabled=false"):
         if m["kind"] == "Service":
             assert "metrics" not in {p["name"] for p in m["spec"]["ports"]}
         if m["kind"] == "Deployment":
             assert "metrics" not in {p["name"] for p in container(m)["ports"]}
         assert m["kind"] != "ServiceMonitor"
+        if m["kind"] == "Deployment":
+            assert "INSTGENIE_METRICS_LISTEN" not in env_of(container(m))
     manifests = render("full")
     monitor = find(manifests, "ServiceMonitor", "")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -178,14 +199,25 @@ def test_metrics_ports_and_the_service_monitor():
     for component in ("gateway", "scheduler", "worker"):
         ports = container(find(manifests, "Deployment", f"-{component}"))["ports"]
         assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in ports
-    assert "needs metrics.enabled" in render_error(None, "metrics.serviceMonitor.enabled=true")
+    assert "needs metrics.enabled" in render_error(None, "metrics.enabled=false", "metrics.serviceMonitor.enabled=true")
+    for component in ("gateway", "scheduler", "worker"):  # tracing: the full values name a collector
+        env = env_of(container(find(manifests, "Deployment", f"-{component}")))
+        assert env["INSTGENIE_OTLP_ENDPOINT"]["value"] == "otel-collector.observability.svc:4317"
+        assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+        assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.25"
 
 
 def test_worker_discovery_grants_only_reading_pods_and_mounts_the_token_only_then():
-    default = find(render(), "Deployment", "-scheduler")["spec"]["template"]["spec"]
-    assert default["automountServiceAccountToken"] is False
-    assert not [m for m in render() if m["kind"] in ("Role", "RoleBinding")]
-    manifests = render("full")
+    off = render(None, "scheduler.workerDiscovery.enabled=false")
+    spec = find(off, "Deployment", "-scheduler")["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert "INSTGENIE_DISCOVER_WORKERS" not in env_of(spec["containers"][0])
+    assert not [m for m in off if m["kind"] in ("Role", "RoleBinding")]
+    manifests = render()  # on by default
+    env = env_of(container(find(manifests, "Deployment", "-scheduler")))
+    assert env["INSTGENIE_DISCOVER_WORKERS"]["value"] == "true"
+    assert env["INSTGENIE_DISCOVER_SELECTOR"]["value"] == \
+        f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=worker"
     role = find(manifests, "Role", "-worker-discovery")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     binding = find(manifests, "RoleBinding", "-worker-discovery")

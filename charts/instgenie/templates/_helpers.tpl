@@ -136,6 +136,18 @@ app.kubernetes.io/component: {{ index . 1 }}
   value: {{ printf "0.0.0.0:%d" (int (index . 1)) | quote }}
 - name: INSTGENIE_LOG_LEVEL
   value: {{ $ctx.Values.logLevel | quote }}
+{{- if $ctx.Values.metrics.enabled }}
+- name: INSTGENIE_METRICS_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int $ctx.Values.metrics.port) | quote }}
+{{- end }}
+{{- with $ctx.Values.tracing.otlpEndpoint }}
+- name: INSTGENIE_OTLP_ENDPOINT
+  value: {{ . | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: parentbased_traceidratio
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $ctx.Values.tracing.sampleRatio | toString | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Startup, readiness and liveness probes on grpc.health.v1. Usage: include "instgenie.probes" (list .Values.gateway.probes port) */}}

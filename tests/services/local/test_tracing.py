@@ -56,7 +56,7 @@ def test_one_edit_is_one_trace_across_the_three_services_with_per_step_events(ob
     roots = [(svc, s.name) for svc, s in trace if s.parent_span_id not in spans]
     assert roots == [("instgenie-gateway", "/instgenie.gateway.v1.EditService/Edit")], roots
     # The worker's span hangs under the scheduler's flight span (the context went through the queue).
-    _, worker = next((svc, s) for svc, s in trace if s.name == "/instgenie.worker.v1.WorkerService/Edit")
+    worker = next(s for svc, s in trace if svc == "instgenie-worker" and s.name.endswith("WorkerService/Edit"))
     chain, parent = [], worker.parent_span_id
     while parent in spans:
         svc, span = spans[parent]
@@ -69,7 +69,7 @@ def test_one_edit_is_one_trace_across_the_three_services_with_per_step_events(ob
     assert [int(next(a.value.int_value for a in e.attributes if a.key == "step")) for e in steps] == \
         list(range(1, result.steps + 1))
     assert any(e.name == "engine.started" for e in worker.events)
-    _, flight = next((svc, s) for svc, s in trace if s.name == "scheduler.flight")
+    flight = next(s for _, s in trace if s.name == "scheduler.flight")
     assert {e.name for e in flight.events} >= {"placed", "worker.started"}
     # Health checks and load reports are never traced.
     assert not [s.name for _, s in otlp_sink.snapshot() if "Health" in s.name or "ReportLoad" in s.name]
