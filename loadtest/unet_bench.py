@@ -4,8 +4,9 @@
 
 The mask is a centred rectangle covering `ratio` of the latent grid (a brush stroke, not scattered cells: a
 scattered mask max-pools to almost every token at the coarse levels). FLOPs are counted by torch's
-FlopCounterMode on the very calls that are timed, so the ideal includes convolutions, ResNets and cross-attention
-that O-caching runs in full (the paper: 1.3x for SD2.1 at m = 0.2). Both variants run interleaved in one process.
+FlopCounterMode on the same calls as are timed (attention through SDPA's math backend, which it can see), so the
+ideal includes the convolutions, ResNets and cross-attention that O-caching runs in full (the paper: 1.3x for
+SD2.1 at m = 0.2). Both variants run interleaved in one process.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from instgenie.engine.models.loader import preset_model
@@ -34,7 +36,9 @@ def box_mask(h: int, w: int, ratio: float) -> torch.Tensor:
 
 
 def _flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call. Counted with SDPA's math backend: the fused CPU kernel is invisible to FlopCounterMode
+    (it would count no attention at all), the math backend's matmuls are counted like any other."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
