@@ -70,6 +70,8 @@ def test_install_dry_run_client(values):
 
 def test_default_install_has_every_component():
     assert kinds(render()) == sorted([
+        ("ConfigMap", "ig-instgenie-dashboards"), ("Role", "ig-instgenie-worker-discovery"),
+        ("RoleBinding", "ig-instgenie-worker-discovery"),
         ("Deployment", "ig-instgenie-gateway"), ("Deployment", "ig-instgenie-minio"),
         ("Deployment", "ig-instgenie-scheduler"), ("Deployment", "ig-instgenie-worker"),
         ("HorizontalPodAutoscaler", "ig-instgenie-gateway"), ("PersistentVolumeClaim", "ig-instgenie-minio"),
