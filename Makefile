@@ -123,3 +123,11 @@ simulate: install
 	$(BIN)/python -m loadtest.simulate --profile loadtest/profiles/flux-small-seed0@cpu.json --store-bandwidth 100 \
 		--workers 8,32,128 --dists production,public --ablations \
 		--json out/simulation/poisson.json --md out/simulation/poisson.md --plots out/simulation/poisson
+
+# ---- operations: the gRPC load generator over the local mesh (docs/results/loadtest.md)
+.PHONY: loadtest
+
+## loadtest: Poisson edits at 4, 8 and 16 edits/s over a local mesh of 2 CPU workers (about 3 min)
+loadtest: install
+	$(BIN)/python -m loadtest.loadgen --local-mesh 2 --rates 4,8,16 --duration 15 --max-requests 400 --templates 8 \
+		--zipf 1.1 --dist production --seed 0 --out out/loadtest/loadtest
