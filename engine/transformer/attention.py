@@ -10,7 +10,8 @@ Two ways to attend a sequence's queries to [text K/V | template image K/V with t
 * **Split** (`split_attention`): attend to the cached rows in place, with the stale (masked) rows masked
   out, and separately to the fresh rows (text + masked image tokens); merge the two by their log-sum-exp.
   No copy of the cache at all. Needs a kernel that returns the log-sum-exp: on CPU torch's flash kernel
-  does (`lse_split_available`); CUDA keeps the buffer, which its varlen kernel needs anyway.
+  does (`lse_split_available`); CUDA keeps the buffer, which its varlen kernel needs anyway. A small fresh
+  set (a small mask: ~100 rows) is attended with two batched matmuls instead (`_small_attention`).
 
 Both are exact: the split differs from the buffer only by float rounding (tested at 1e-5 in fp32).
 """
@@ -127,6 +128,21 @@ def stale_mask(n: int, masked: torch.Tensor, dtype: torch.dtype, device: torch.d
     return mask.view(1, 1, 1, n)
 
 
+#: fresh key sets up to this many rows are attended with two batched matmuls (`_small_attention`)
+SMALL_KEYS = 256
+
+
+def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of softmax(q k^T / sqrt(d)) v for (1, heads, L, d) operands, in fp32.
+
+    With a small mask the fresh key set is ~100 rows: the flash kernel's per-tile work costs more there than
+    two batched matmuls and one pass of exp over a (heads, L, L) score block that stays in cache.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(scores.sub_(lse.unsqueeze(-1)).exp_(), v), lse
+
+
 def split_attention(q: torch.Tensor, k_fresh: torch.Tensor, v_fresh: torch.Tensor, k_cached: torch.Tensor,
                     v_cached: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """One sequence's attention over fresh rows and cached rows without building a joint key buffer.
@@ -138,7 +154,11 @@ def split_attention(q: torch.Tensor, k_fresh: torch.Tensor, v_fresh: torch.Tenso
     """
     op = _cpu_lse_op()
     qh = q.transpose(0, 1).unsqueeze(0)
-    o_fresh, lse_fresh = op(qh, k_fresh.transpose(0, 1).unsqueeze(0), v_fresh.transpose(0, 1).unsqueeze(0), 0.0, False)
+    kh, vh = k_fresh.transpose(0, 1).unsqueeze(0), v_fresh.transpose(0, 1).unsqueeze(0)
+    if q.dtype == torch.float32 and k_fresh.shape[0] <= SMALL_KEYS:
+        o_fresh, lse_fresh = _small_attention(qh, kh, vh)
+    else:  # larger sets, and half precision (the flash kernel accumulates in fp32, these matmuls would not)
+        o_fresh, lse_fresh = op(qh, kh, vh, 0.0, False)
     if mask is None:
         return o_fresh[0].transpose(0, 1).flatten(1)
     o_cached, lse_cached = op(qh, k_cached.unsqueeze(0), v_cached.unsqueeze(0), 0.0, False, attn_mask=mask)

@@ -72,7 +72,11 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, bias, transposed: bool) -> to
     if not transposed:
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
-    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+    out = flat @ weight
+    if bias is not None:
+        # not addmm: on CPU it first copies the bias into every row of a fresh (cold) output, then the product
+        # reads it back; here the product writes the output and the bias is added while it is still in cache
+        out += bias
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
@@ -177,7 +181,8 @@ def _ff(ff, x):
     if plan is None:
         return ff(x)
     proj, approximate, out = plan
-    return linear(out, F.gelu(linear(proj, x), approximate=approximate))
+    hidden = linear(proj, x)
+    return linear(out, torch.ops.aten.gelu_(hidden, approximate=approximate))  # in place: `hidden` is ours
 
 
 class Packed:
