@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="", help="a label for listings")
     create.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
     create.add_argument("--seed", type=int, default=0, help="seed of the template's noise trajectory")
-    create.add_argument("--mode", choices=("kv", "y"), default="kv",
-                        help="cache mode: kv (fastest edits) or y (half the cache bytes)")
+    create.add_argument("--mode", choices=("kv", "y", "o"), default=None,
+                        help="cache mode (default: the model's): kv (fastest Flux edits), y (half the cache bytes) "
+                             "or o (UNet models)")
     create.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     create.add_argument("--model", default="", help="model name (default: the one serving the image's size)")
     create.add_argument("--request-id", default=None,

@@ -126,7 +126,7 @@ class AsyncClient:
     # -- templates ------------------------------------------------------------------------------------------
 
     async def create_template(self, image: ImageInput, prompt: str = "", *, name: str = "", steps: int = 0,
-                              seed: int = 0, guidance_scale: float | None = None, cache_mode: str = "kv",
+                              seed: int = 0, guidance_scale: float | None = None, cache_mode: str | None = None,
                               model: str = "", request_id: str | None = None, wait: bool = True,
                               progress: ProgressCallback | None = None,
                               timeout: float | None = None) -> Template | Operation:

@@ -52,7 +52,7 @@ def new_request_id() -> str:
 
 
 def create_template_request(image: ImageInput, prompt: str, *, name: str, steps: int, seed: int,
-                            guidance_scale: float | None, cache_mode: str, model: str,
+                            guidance_scale: float | None, cache_mode: str | None, model: str,
                             request_id: str | None) -> pb.CreateTemplateRequest:
     request = pb.CreateTemplateRequest(image=image_bytes(image), name=name, prompt=prompt, steps=steps, seed=seed,
                                        cache_mode=cache_mode_to_proto(cache_mode), model=model,

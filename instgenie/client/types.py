@@ -30,6 +30,7 @@ class CacheMode(enum.StrEnum):
     UNSPECIFIED = "unspecified"
     KV = "kv"
     Y = "y"
+    O = "o"  # noqa: E741 - the paper's name for UNet output caching
 
 
 class CancelOutcome(enum.StrEnum):
@@ -46,11 +47,14 @@ def enum_from_proto(kind: type[enum.StrEnum], proto_enum, prefix: str, value: in
         return kind.UNSPECIFIED
 
 
-def cache_mode_to_proto(mode: str | CacheMode) -> int:
+def cache_mode_to_proto(mode: str | CacheMode | None) -> int:
+    """None or "" asks for the model's default mode (kv for Flux, o for a UNet)."""
+    if mode is None or mode == "":
+        return pb.CACHE_MODE_UNSPECIFIED
     try:
         mode = CacheMode(str(mode).lower())
     except ValueError:
-        raise ValueError(f"cache_mode must be 'kv' or 'y', not {mode!r}") from None
+        raise ValueError(f"cache_mode must be 'kv', 'y' or 'o' (or None: the model's default), not {mode!r}") from None
     return pb.CacheMode.Value(f"CACHE_MODE_{mode.name}")
 
 

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures as cf
 import hashlib
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -44,7 +45,8 @@ NOT_FOUND, PRECONDITION = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PREC
 INLINE_DECODE_BYTES = 16 * 1024
 #: a unary edit shows no progress: the worker reports steps this rarely (enough for the scheduler's view of load)
 UNARY_PROGRESS_MS = 100
-_CACHE_MODES = {pb.CACHE_MODE_UNSPECIFIED: "kv", pb.CACHE_MODE_KV: "kv", pb.CACHE_MODE_Y: "y"}
+#: "" = the model's default mode (the first it announces)
+_CACHE_MODES = {pb.CACHE_MODE_UNSPECIFIED: "", pb.CACHE_MODE_KV: "kv", pb.CACHE_MODE_Y: "y", pb.CACHE_MODE_O: "o"}
 
 
 @dataclass
@@ -176,7 +178,8 @@ class GatewayService(pb_grpc.EditServiceServicer):
         guidance = request.guidance_scale if request.HasField("guidance_scale") else None
         v.check_guidance(guidance, limits)
         if request.cache_mode not in _CACHE_MODES:
-            raise invalid("cache_mode", f"unknown cache_mode {request.cache_mode}; use CACHE_MODE_KV or CACHE_MODE_Y")
+            raise invalid("cache_mode", f"unknown cache_mode {request.cache_mode}; use CACHE_MODE_KV, CACHE_MODE_Y "
+                          "(Flux models) or CACHE_MODE_O (UNet models)")
         if request.request_id:
             existing = await self._io_call(self.records.template_for_request, tenant.name, request.request_id)
             if existing is not None:
@@ -189,11 +192,16 @@ class GatewayService(pb_grpc.EditServiceServicer):
         model = await self._choose_model(request.model, width, height)
         tenant.check_model(model.model_id)
         v.check_steps(request.steps, model.max_steps)
+        modes = list(model.cache_modes) or ["kv", "y"]  # a worker of before cache_modes serves Flux
+        mode = _CACHE_MODES[request.cache_mode] or modes[0]
+        if mode not in modes:
+            raise invalid("cache_mode", f"model {model.model_id!r} records cache modes {', '.join(modes)}, not "
+                          f"{mode!r}; leave cache_mode unset for the model's default")
         now = time.time()
         record = TemplateRecord(
             template_id=new_template_id(), tenant=tenant.name, name=request.name, state=CREATING,
             model=model.model_id, width=width, height=height, steps=request.steps or model.default_steps,
-            prompt=request.prompt, cache_mode=_CACHE_MODES[request.cache_mode], seed=int(request.seed),
+            prompt=request.prompt, cache_mode=mode, seed=int(request.seed),
             guidance_scale=guidance, create_time=now, update_time=now, request_id=request.request_id,
             extra={"content_sha256": await self._io_call(content_hash, image)})
         await self._io_call(self.records.put, record)
@@ -223,11 +231,18 @@ class GatewayService(pb_grpc.EditServiceServicer):
         if not models:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "no worker is serving any model right now; retry when "
                                "one has started", reason="NO_WORKER", retry_after=2.0)
+        # A model whose default size this is wins; else the model on whose token grid the image lies (a template
+        # keeps its own size: the engine batches sizes apart and caches per template) and whose default size is
+        # nearest in pixels: a 16 px digits model could take a 512x512 photo, but it is not what the user meant.
         fits = [m for m in candidates if (m.width, m.height) == (width, height)]
         if not fits:
-            sizes = ", ".join(f"{m.model_id} at {m.width}x{m.height}" for m in candidates)
-            raise invalid("image", f"image is {width}x{height}, a resolution no model serves here ({sizes}); "
-                          "resize it to one of them")
+            on_grid = [m for m in candidates if m.cell and width % m.cell == 0 and height % m.cell == 0]
+            fits = sorted(on_grid, key=lambda m: abs(math.log(width * height / (m.width * m.height))))[:1]
+        if not fits:
+            sizes = ", ".join(f"{m.model_id} (sides multiples of {m.cell} px)" if m.cell else
+                              f"{m.model_id} at {m.width}x{m.height}" for m in candidates)
+            raise invalid("image", f"image is {width}x{height}, a size no model serves here: {sizes}; crop or resize "
+                          "it")
         return sorted(fits, key=lambda m: m.model_id)[0]
 
     async def _drive_registration(self, record: TemplateRecord, image: bytes) -> None:

@@ -34,7 +34,7 @@ from ..common.objectstore import ObjectNotFound, ObjectStore
 
 CREATING, READY, FAILED = "CREATING", "READY", "FAILED"
 _STATES = {CREATING: pb.TEMPLATE_STATE_CREATING, READY: pb.TEMPLATE_STATE_READY, FAILED: pb.TEMPLATE_STATE_FAILED}
-_MODES = {"kv": pb.CACHE_MODE_KV, "y": pb.CACHE_MODE_Y}
+_MODES = {"kv": pb.CACHE_MODE_KV, "y": pb.CACHE_MODE_Y, "o": pb.CACHE_MODE_O}
 _EPOCH_LIMIT_MS = 16 ** 12 - 1
 
 

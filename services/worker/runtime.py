@@ -167,6 +167,7 @@ class WorkerRuntime:
             single_blocks=len(getattr(tr, "single_transformer_blocks", [])),
             in_channels=int(tr.config.in_channels), out_channels=int(tr.config.out_channels or tr.config.in_channels),
             branches=2 if info.guidance == "cfg" else 1, element_bytes=element, config_hash=info.config_hash,
+            cache_modes=list(self.editor.cache_modes), cell=int(self.editor.model.cell),
         )
 
     def template_tiers(self) -> tuple[list[str], list[str]]:

@@ -294,7 +294,7 @@ class WorkerService(wpb_grpc.WorkerServiceServicer):
         def register():
             return self.runtime.editor.register_template(
                 image, request.prompt, steps=int(request.steps) or None, seed=int(request.seed),
-                mode=request.cache_mode or "kv",
+                mode=request.cache_mode or None,  # none asked: the model family's default
                 guidance_scale=request.guidance_scale if request.HasField("guidance_scale") else None,
                 template_id=request.template_id or None, progress=progress)
 

@@ -220,11 +220,11 @@ def test_create_template_waits_with_progress(service, client):
     assert service.calls("WatchOperation")[0].request.name == "operations/tpl-1"
 
 
-def test_create_template_leaves_guidance_absent_by_default(service, client):
+def test_create_template_leaves_guidance_and_cache_mode_to_the_model_by_default(service, client):
     service.script("CreateTemplate", created())
     client.create_template(png(), "3", wait=False)
     request = service.calls("CreateTemplate")[0].request
-    assert not request.HasField("guidance_scale") and request.cache_mode == pb.CACHE_MODE_KV
+    assert not request.HasField("guidance_scale") and request.cache_mode == pb.CACHE_MODE_UNSPECIFIED
 
 
 def test_create_template_raises_the_operations_error(service, client):

@@ -59,7 +59,7 @@ CASES = [
     ("image truncated", create(image=png(digit(4))[:60]), C.INVALID_ARGUMENT, "image", "truncated"),
     ("image bomb", create(image=bomb_png()), C.INVALID_ARGUMENT, "image", "pixels"),
     ("image empty", create(image=b""), C.INVALID_ARGUMENT, "image", "empty"),
-    ("image of a size no model serves", create(image=png(np.zeros((32, 32), np.uint8))), C.INVALID_ARGUMENT,
+    ("image of a size no model serves", create(image=png(np.zeros((17, 17), np.uint8))), C.INVALID_ARGUMENT,
      "image", "no model serves"),
     ("image over the byte limit", create(image=b"\x89PNG" + bytes(21 << 20)), C.INVALID_ARGUMENT, "image",
      "bytes"),

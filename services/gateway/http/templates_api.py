@@ -16,7 +16,7 @@ from .forms import Fields, read_form
 
 _STATES = {pb.TEMPLATE_STATE_CREATING: "creating", pb.TEMPLATE_STATE_READY: "ready",
            pb.TEMPLATE_STATE_FAILED: "failed"}
-_MODES = {"kv": pb.CACHE_MODE_KV, "y": pb.CACHE_MODE_Y}
+_MODES = {"": pb.CACHE_MODE_UNSPECIFIED, "kv": pb.CACHE_MODE_KV, "y": pb.CACHE_MODE_Y, "o": pb.CACHE_MODE_O}
 _MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"RIFF", "image/webp"), (b"GIF8", "image/gif"),
           (b"BM", "image/bmp"))
 
@@ -70,7 +70,7 @@ class TemplatesApi:
                     image=image.data, name=f.text("name", max_chars=limits.max_name_chars) or "",
                     prompt=f.text("prompt", max_chars=limits.max_prompt_chars) or "",
                     steps=f.integer("steps", 0, 10_000) or 0, seed=f.integer("seed", 0, v.MAX_SEED) or 0,
-                    cache_mode=_MODES[f.choice("cache_mode", ("kv", "y"), "kv")], model=f.text("model") or "",
+                    cache_mode=_MODES[f.choice("cache_mode", ("kv", "y", "o"), "")], model=f.text("model") or "",
                     request_id=f.text("request_id", max_chars=128) or "")
         finally:
             await form.close()

@@ -59,8 +59,8 @@ def test_bad_uploads_and_unknown_templates(http_url):
     status, _, body = call_json(http_url, "POST", "/v1/templates", fields={"prompt": "8"})
     assert status == 400 and body["error"]["param"] == "image"
     status, _, body = call_json(http_url, "POST", "/v1/templates", fields={
-        "image": ("big.png", png(unique_digit().repeat(2, 0).repeat(2, 1))), "prompt": "8"})
-    assert status == 400 and body["error"]["param"] == "image" and "32x32" in body["error"]["message"]
+        "image": ("odd.png", png(unique_digit()[:15, :15])), "prompt": "8"})  # off the model's 2 px grid
+    assert status == 400 and body["error"]["param"] == "image" and "15x15" in body["error"]["message"]
     status, _, body = call_json(http_url, "POST", "/v1/templates", fields={
         "image": ("d.png", png(unique_digit())), "cache_mode": "z"})
     assert status == 400 and body["error"]["param"] == "cache_mode"
