@@ -70,9 +70,13 @@ def inputs():
     return template, mask, png(template), png(mask)
 
 
+#: serve /metrics from every process of the benched mesh (`--no-metrics` measures what they cost)
+METRICS = True
+
+
 def start_mesh(state: Path, engine: str) -> LocalMesh:
     return LocalMesh(MeshConfig(state_dir=state, workers=1, engine=engine, tenants={TENANT: KEY},
-                                torch_threads=1, max_batch_size=8)).start()
+                                torch_threads=1, max_batch_size=8, metrics=METRICS)).start()
 
 
 def create_template(stub, image_png: bytes) -> str:
@@ -248,14 +252,17 @@ def main(argv=None) -> int:
     ap.add_argument("--edits", type=int, default=100, help="paired edits per engine")
     ap.add_argument("--concurrency", default="1,8,32", help="client concurrencies for the ceiling")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per concurrency level")
+    ap.add_argument("--no-metrics", action="store_true", help="the mesh's processes serve no Prometheus metrics")
     ap.add_argument("--json", default="out/mesh_bench.json")
     ap.add_argument("--md", default="out/mesh_bench.md")
     args = ap.parse_args(argv)
+    global METRICS
+    METRICS = not args.no_metrics
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
         work = Path(tmp)
         result = {"latency": [paired("real", args.edits, work), paired("instant", args.edits, work)],
                   "ceiling": ceiling([int(c) for c in args.concurrency.split(",")], args.seconds, work),
-                  "hops": hops(args.edits, work)}
+                  "hops": hops(args.edits, work), "metrics": METRICS}
     for path, text in ((args.json, json.dumps(result, indent=2)), (args.md, markdown(result))):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
