@@ -10,6 +10,7 @@ import pytest
 
 from instgenie import smoke
 from instgenie.services.gateway.auth import ApiKeys
+from instgenie.services.scheduler.profile import load_profiles
 from tests.charts.chart_helpers import (CHART, NAMESPACE, RELEASE, container, env_of, find, kinds, render,
                                         render_error)
 
@@ -155,12 +156,16 @@ def test_the_dashboard_queries_only_instgenie_metrics_the_services_export():
     assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
 
 
-def test_the_cost_model_profile_is_mounted_into_the_scheduler():
+def test_the_cost_model_profile_is_mounted_into_the_scheduler_and_loaded(tmp_path):
     assert not [m for m in render() if m["kind"] == "ConfigMap" and m["metadata"]["name"].endswith("-cost-model")]
     manifests = render("full")
     cm = find(manifests, "ConfigMap", "-cost-model")
-    assert json.loads(cm["data"]["profile.json"])["r2"] == 0.998
     scheduler = find(manifests, "Deployment", "-scheduler")
+    assert env_of(container(scheduler))["INSTGENIE_PROFILE"]["value"] == "/etc/instgenie/cost-model"
+    assert "INSTGENIE_PROFILE" not in env_of(container(find(render(), "Deployment", "-scheduler")))
+    # What the scheduler will read there is a profile it loads, with the id the values gave.
+    (tmp_path / "profile.json").write_text(cm["data"]["profile.json"])
+    assert [p.profile_id for p in load_profiles(str(tmp_path))] == ["digits-16px@cpu#596fccc404a7"]
     assert {"name": "cost-model", "mountPath": "/etc/instgenie/cost-model", "readOnly": True} in container(
         scheduler)["volumeMounts"]
     assert {"name": "cost-model", "configMap": {"name": cm["metadata"]["name"]}} in scheduler["spec"]["template"][
