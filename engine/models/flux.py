@@ -134,7 +134,8 @@ class FluxTextEncoder:
 
 
 class VaeCodec:
-    """Flux VAE with its scaling/shift factors; encodes to the distribution's mode (deterministic)."""
+    """A diffusers VAE with its scaling and shift factors (Flux has both; SD's VAE has no shift); encodes to the
+    distribution's mode (deterministic)."""
 
     image_channels = 3
 
@@ -142,13 +143,14 @@ class VaeCodec:
         self.vae = vae
         self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = vae.config.latent_channels
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return (latents - self.shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        latents = latents / self.vae.config.scaling_factor + self.shift
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].clamp(-1, 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..models.base import TextEmbeddings
+from ..models.flux import VaeCodec
 from ..validation import validate_prompt
 
 #: CPU presets. `channels` per UNet level; every level but the last has cross-attention transformer blocks
@@ -87,21 +88,5 @@ class ClipTextEncoder:
         return TextEmbeddings(embeds, embeds.new_zeros(embeds.shape[0], 0), embeds.new_zeros(embeds.shape[1], 3))
 
 
-class SdVaeCodec:
-    """SD VAE with its scaling factor (no shift); encodes to the distribution's mode (deterministic)."""
-
-    image_channels = 3
-
-    def __init__(self, vae):
-        self.vae = vae
-        self.scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels = vae.config.latent_channels
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents / self.vae.config.scaling_factor
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].clamp(-1, 1)
+#: SD's VAE is the Flux codec without a shift factor
+SdVaeCodec = VaeCodec
