@@ -68,7 +68,7 @@ def measure_profile(model: str, models_dir: Path, out: Path, quick: bool) -> Pro
     """`instgenie profile` (one torch thread, as the workers), object-store reads against a local S3 server."""
     from .profile_local import run as profile_local
 
-    grid = ["--batches", "1,4", "--masks", "0.1,1.0", "--modes", "kv", "--repeats", "3",
+    grid = ["--batches", "1,4", "--masks", "0.1,0.5,1.0", "--modes", "kv", "--repeats", "3",
             "--transfer-sizes", "0.25,1,4"] if quick else []
     if profile_local(model, out, str(models_dir), grid) != 0:
         raise RuntimeError(f"instgenie profile of {model} failed")
