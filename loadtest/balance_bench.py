@@ -47,6 +47,7 @@ from instgenie.services.scheduler.costmodel import ModelShape
 from instgenie.services.scheduler.profile import Profile
 
 from . import balance_report
+from .outputs import write_outputs
 from .simulate import cache_bytes
 from .trace import PROMPTS, sample_ratios, synth_grid
 
@@ -375,11 +376,7 @@ def main(argv=None) -> int:
     if args.plots:
         result["plots"] = [str(p) for p in balance_report.plots(result, args.plots)]
     md = balance_report.markdown(result)
-    for path, text in ((args.json, json.dumps(result, indent=1)), (args.md, md)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
-    print(md)
+    write_outputs(result, md, args.json, args.md)
     return 0
 
 

@@ -26,21 +26,20 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import json
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
-from instgenie.services.scheduler.costmodel import CostModel, FittedCostModel, ModelShape
+from instgenie.services.scheduler.costmodel import AnalyticalCostModel, CostModel, FittedCostModel, ModelShape
 from instgenie.services.scheduler.placement import PlacementRequest, make_policy
 from instgenie.services.scheduler.predictions import WorkerAccuracy, summarise
 from instgenie.services.scheduler.profile import Profile
 from instgenie.services.scheduler.templates import TemplateHeat, WarmPlanner
 
 from . import simreport
+from .outputs import write_outputs
 from .simworker import SimRequest, SimWorker
 from .trace import MASK_DISTRIBUTIONS, sample_ratios
 
@@ -125,7 +124,7 @@ def arrivals(rate: float, n: int, kind: str, rng: np.random.Generator) -> np.nda
 
 def make_trace(cfg: SimConfig, shape: ModelShape, rate: float, cost: CostModel | None = None) -> list[SimRequest]:
     """The requests of one run; their per-step FLOPs as `cost` counts them (the simulation's fitted model)."""
-    cost = cost or CostModel()
+    cost = cost or AnalyticalCostModel()  # only its FLOP count is used here
     rng = np.random.default_rng(cfg.seed)
     times = arrivals(rate, cfg.requests, cfg.arrivals, rng)
     ratios = sample_ratios(cfg.dist, cfg.requests, rng)
@@ -332,11 +331,7 @@ def main(argv=None) -> int:
     if args.plots:
         result["plots"] = [str(p) for p in simreport.plots(result, args.plots)]
     md = simreport.markdown(result)
-    for path, text in ((args.json, json.dumps(result, indent=1)), (args.md, md)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
-    print(md)
+    write_outputs(result, md, args.json, args.md)
     return 0
 
 

@@ -18,6 +18,7 @@ FLOPs + (d / a) * X, so every step stays a * sum + c * n + b (the linear fast pa
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -78,7 +79,7 @@ def request_cached_flops(shape: ModelShape, tokens: int, mode: str = "kv", kv_at
                                   kv_attention) * shape.branches
 
 
-class CostModel:
+class CostModel(abc.ABC):
     """Seconds of a step from the batch's FLOPs; seconds of cache transfers from their bytes."""
 
     name = "abstract"
@@ -86,13 +87,13 @@ class CostModel:
     pre_seconds = 0.0
     post_seconds = 0.0
 
+    @abc.abstractmethod
     def step_time(self, flops: float, requests: int = 1, device_bytes: int = 0) -> float:
         """One denoising step of a batch of `requests` requests, `flops` FLOPs, step shards of `device_bytes`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
         """Object store -> host memory for `cache_bytes` in `objects` objects."""
-        raise NotImplementedError
 
     @property
     def streams_to_device(self) -> bool:
