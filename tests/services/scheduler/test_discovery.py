@@ -127,6 +127,7 @@ class Handler(BaseHTTPRequestHandler):
         is_watch = query.get("watch") == "true"
         with api.cond:
             api.requests.append({"watch": is_watch, "resourceVersion": query.get("resourceVersion")})
+            generation = api.generation  # a drop from now on cuts this watch, even before its headers are out
             if api.fail_next:
                 code = api.fail_next.pop(0)
                 return self._json(code, {"kind": "Status", "code": code, "reason": "InternalError",
@@ -136,7 +137,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, {"kind": "PodList", "apiVersion": "v1",
                                         "metadata": {"resourceVersion": str(api.rv)}, "items": items})
         self._watch(namespace, selector, int(query.get("resourceVersion") or 0),
-                    float(query.get("timeoutSeconds") or 60))
+                    float(query.get("timeoutSeconds") or 60), generation)
 
     def _json(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -151,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def _watch(self, namespace: str, selector: str, since: int, timeout: float) -> None:
+    def _watch(self, namespace: str, selector: str, since: int, timeout: float, generation: int) -> None:
         api = self.api
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -159,7 +160,6 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         end = time.monotonic() + timeout
         with api.cond:
-            generation = api.generation
             if since < api.oldest:
                 self._chunk(self._gone())
                 return self._finish()
@@ -335,6 +335,10 @@ def test_a_broken_watch_and_failing_requests_are_retried_with_a_relist(fake_api,
     fake_api.put(pod("w-1", "10.0.0.1"))
     rec = Recorder()
     d = start(rec)
+    rec.wait_for(("ready", "w-1", "10.0.0.1:50053"))
+    deadline = time.monotonic() + 10
+    while fake_api.count(watch=True) < 1 and time.monotonic() < deadline:  # the watch is open: a drop cuts it
+        time.sleep(0.01)
     fake_api.delete("w-1", silently=True)
     fake_api.fail_next = [500, 503]  # the next two relists fail too
     fake_api.drop_watches()
