@@ -232,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--templates", type=int, default=16)
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--host-templates", type=float, default=4, help="template caches a worker's host memory holds")
+    ap.add_argument("--store-mbps", type=float, default=0.0,
+                    help="cap each worker's object-store reads at this many MB/s (worker --store-read-mbps; 0: none): "
+                    "gives template loads the weight they have beside an edit in production")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--loads", default="0.2,0.3,0.4,0.5", help="offered load x least-requests' burst capacity")
     ap.add_argument("--policies", default=",".join(POLICIES))
@@ -263,14 +266,17 @@ def run(args, work: Path) -> dict:
     per_template = cache_bytes(shape, steps)
     host_bytes = int(args.host_templates * per_template)
     print(f"profile {profile.profile_id} (R² {profile.compute_r2:.4f}); host memory {host_bytes / 1e6:.1f} MB per "
-          f"worker = {args.host_templates:g} templates of {per_template / 1e6:.2f} MB", file=sys.stderr)
+          f"worker = {args.host_templates:g} templates of {per_template / 1e6:.2f} MB"
+          + (f"; store reads capped at {args.store_mbps:g} MB/s ({per_template / 1e6 / args.store_mbps:.2f} s per "
+             "template)" if args.store_mbps else ""), file=sys.stderr)
     keys = work / "api-keys.json"  # the default tenant limit (64 in flight) would cap the capacity burst
     keys.write_text(json.dumps({"tenants": {TENANT: {"keys": [KEY], "max_in_flight": 100000}}}))
     config = MeshConfig(state_dir=work / "mesh", workers=2, model=args.model, tenants={"local": "unused-key-0123456789"},
                         torch_threads=1, gateway_args=["--api-keys-file", str(keys)],
                         host_cache_bytes=host_bytes, max_batch_size=args.max_batch_size,
                         scheduler_args=["--profile", profile_path, *args.scheduler_args.split()],
-                        worker_args=["--profile", profile_path, "--models-dir", str(models)])
+                        worker_args=["--profile", profile_path, "--models-dir", str(models),
+                                     *(["--store-read-mbps", str(args.store_mbps)] if args.store_mbps else [])])
     mesh = LocalMesh(config).start()
     ctl = Mesh(mesh)
     try:

@@ -41,7 +41,9 @@ def markdown(result: dict) -> str:
     lines = [f"Model {c['model']} ({c['steps']} steps), 2 CPU workers x 1 torch thread, max batch "
              f"{c['max_batch_size']}; {c['templates']} templates (Zipf {c['zipf']:g}) of {c['template_cache_mb']:.2f} MB, "
              f"host memory {c['host_cache_mb']:.1f} MB per worker ({c['host_templates']:g} templates); "
-             f"{c['dist']} masks; Poisson arrivals for {c['duration']:g} s per run, {c.get('rounds', 1)} traces per load "
+             + (f"object-store reads capped at {c['store_mbps']:g} MB/s per worker (a template load "
+                f"{c['template_cache_mb'] / c['store_mbps']:.2f} s); " if c.get('store_mbps') else "")
+             + f"{c['dist']} masks; Poisson arrivals for {c['duration']:g} s per run, {c.get('rounds', 1)} traces per load "
              f"(latencies pooled), drain <= {c['drain']:g} s; "
              f"capacity (least-requests burst) {c['capacity_rps']:.2f} req/s; profile `{c['profile_id']}` "
              f"(compute R² {c['profile_r2']:.4f}); {c['wall_seconds']} s in all.", "",

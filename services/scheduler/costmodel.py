@@ -19,7 +19,7 @@ FLOPs + (d / a) * X, so every step stays a * sum + c * n + b (the linear fast pa
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from instgenie.engine.flops import FluxShape, cached_attention_flops, step_flops
@@ -174,3 +174,26 @@ class FittedCostModel(CostModel):
 
     def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
         return self.store.seconds(cache_bytes, objects)
+
+
+def cap_store_reads(cost: CostModel, bytes_per_second: float) -> CostModel:
+    """`cost` for a worker that caps its object-store reads (`--store-read-mbps`): cold templates load at the
+    lower of the cap and the profiled bandwidth; everything else unchanged. `cost` itself when the cap is
+    none or above the profiled bandwidth."""
+    if not bytes_per_second or bytes_per_second <= 0:
+        return cost
+    if isinstance(cost, FittedCostModel):
+        store = cost.store
+        if bytes_per_second >= store.bandwidth:
+            return cost
+        capped = replace(store, bandwidth=bytes_per_second,
+                         source=f"{store.source}; capped by the worker at {bytes_per_second / 1e6:g} MB/s")
+        out = FittedCostModel(replace(cost.profile, store_to_host=capped))
+        out.name = f"{cost.name} (store reads <= {bytes_per_second / 1e6:g} MB/s)"
+        return out
+    if isinstance(cost, AnalyticalCostModel):
+        if bytes_per_second >= cost.store_bandwidth_bytes_per_second:
+            return cost
+        return replace(cost, store_bandwidth_bytes_per_second=bytes_per_second)
+    return cost
+

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .costmodel import CostModel, FittedCostModel, ModelShape
+from .costmodel import CostModel, FittedCostModel, ModelShape, cap_store_reads
 from .placement import Work, WorkerView
 from .predictions import WorkerAccuracy
 from .profile import Profile
@@ -109,6 +109,7 @@ class Registry:
         self.clock = clock
         self.workers: dict[str, WorkerRecord] = {}
         self.profiles = {p.profile_id: FittedCostModel(p) for p in profiles}
+        self._capped: dict[tuple[str, float], CostModel] = {}
         #: scale each worker's step times by its measured speed (predictions.py)
         self.correction = correction
         #: for workers without a profile of their own (the placement policy's)
@@ -118,7 +119,19 @@ class Registry:
 
     # ----------------------------------------------------------------------------------- cost models
     def cost_for(self, info) -> tuple[CostModel | None, str]:
-        """The cost model of a worker: the profile it announces, else one of its model and device kind."""
+        """The cost model of a worker: the profile it announces, else one of its model and device kind; priced
+        at the worker's object-store read cap when it announces one."""
+        cost, source = self._profile_for(info)
+        cap = info.store_read_bytes_per_second
+        if cost is None or not cap > 0:
+            return cost, source
+        key = (cost.name, cap)
+        if key not in self._capped:  # one object per (profile, cap): a re-registration keeps what was learnt
+            self._capped[key] = cap_store_reads(cost, cap)
+        capped = self._capped[key]
+        return capped, source if capped is cost else f"{source}, store reads capped at {cap / 1e6:g} MB/s"
+
+    def _profile_for(self, info) -> tuple[CostModel | None, str]:
         announced = info.profile
         if announced and announced in self.profiles:
             return self.profiles[announced], f"profile {announced} (announced)"

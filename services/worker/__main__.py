@@ -19,6 +19,7 @@ from ..common.config import add_flag, add_server_flags, add_store_flags, open_st
 from ..common.logs import setup_logging
 from ..common.server import ServiceHost
 from ..common.telemetry import setup_telemetry
+from ..common.throttle import ThrottledStore
 from .metrics import WorkerMetrics
 from .reporter import Reporter
 from .runtime import WorkerConfig, WorkerRuntime
@@ -47,7 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flag(ap, "--torch-threads", default=0, type=int, help="torch intra-op threads (0: torch's default)")
     add_flag(ap, "--profile", default="", help="cost-model profile (`instgenie profile`) of this model and device "
              "kind, announced to the scheduler")
-    return ap.parse_args(argv)
+    add_flag(ap, "--store-read-mbps", default=0.0, type=float,
+             help="cap on this worker's object-store reads in MB/s (cache warms share it; 0: no cap); announced "
+             "to the scheduler, whose cost model prices cold templates at it")
+    args = ap.parse_args(argv)
+    if args.store_read_mbps < 0:
+        ap.error(f"--store-read-mbps must be >= 0, got {args.store_read_mbps:g}")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -57,7 +64,10 @@ async def serve(args: argparse.Namespace) -> None:
                           device=args.device, max_batch_size=args.max_batch_size, pre_workers=args.pre_workers,
                           host_cache_bytes=args.host_cache_bytes, engine=args.engine, profile=args.profile)
     telemetry = setup_telemetry("worker", args, instance=args.worker_id)
-    runtime = WorkerRuntime(config, open_store(args))
+    store = open_store(args)
+    if args.store_read_mbps:
+        store = ThrottledStore(store, args.store_read_mbps * 1e6)
+    runtime = WorkerRuntime(config, store)
     service = WorkerService(runtime, ImageLimits(max_bytes=args.max_image_bytes))
     host = ServiceHost(f"worker {args.worker_id}", server_config(args), interceptors=telemetry.server_interceptors())
     host.ready_extra.update(telemetry.ready_info())
@@ -77,7 +87,8 @@ async def serve(args: argparse.Namespace) -> None:
             profile_id = runtime.profile_id()
             info = lambda: spb.WorkerInfo(  # noqa: E731 - rebuilt per registration
                 worker_id=args.worker_id, address=args.advertise or address, model=runtime.model_info(),
-                max_batch_size=args.max_batch_size, device=args.device, profile=profile_id)
+                max_batch_size=args.max_batch_size, device=args.device, profile=profile_id,
+                store_read_bytes_per_second=args.store_read_mbps * 1e6)
             reporter = Reporter(args.scheduler, info, lambda: runtime.load_report(
                 draining=service.draining, registrations=service.registrations))
             reporting = asyncio.ensure_future(reporter.run())

@@ -13,7 +13,7 @@ from loadtest import balance_bench, balance_report
 def test_balance_bench_runs_every_policy_on_the_same_trace_and_writes_its_outputs(tmp_path):
     out = tmp_path / "out"
     rc = balance_bench.main([
-        "--quick-profile", "--templates", "4", "--host-templates", "2", "--loads", "0.3", "--duration", "3",
+        "--quick-profile", "--templates", "4", "--host-templates", "2", "--store-mbps", "50", "--loads", "0.3", "--duration", "3",
         "--drain", "20", "--burst", "16", "--rounds", "1", "--workdir", str(tmp_path / "work"), "--json", str(out / "b.json"),
         "--md", str(out / "b.md"), "--plots", str(out)])
     assert rc == 0
@@ -27,11 +27,14 @@ def test_balance_bench_runs_every_policy_on_the_same_trace_and_writes_its_output
         assert r["failed"] == 0, r["errors"]
         assert r["placed_resident"] + r["placed_loading"] + r["placed_cold"] == r["completed"]
         assert 0.0 <= r["hit_ratio"] <= 1.0 and r["prediction_edits"] == r["completed"]
-        # Both workers announced the measured profile and the scheduler predicts them with it.
-        assert len(r["cost_models"]) == 2 and all(c.endswith("(announced)") for c in r["cost_models"].values())
+        # Both workers announced the measured profile and their read cap; the scheduler predicts them with both
+        # (the local S3 server reads at hundreds of MB/s, above the cap).
+        assert len(r["cost_models"]) == 2
+        assert all("(announced), store reads capped at 50 MB/s" in c for c in r["cost_models"].values())
     assert result["headline"]["base"] == "least-requests"
     assert (out / "balance.png").stat().st_size > 0
     assert "| least-requests |" in (out / "b.md").read_text()
+    assert "object-store reads capped at 50 MB/s per worker" in (out / "b.md").read_text()
 
 
 def _run(policy, load, p95, sustained=True):

@@ -182,3 +182,26 @@ def test_the_link_backlog_counts_templates_being_loaded():
     reg.track("a", Tracked("s", "t3", tokens=4, total_steps=10, tier="host", cache_bytes=10_000_000))
     # t2 (cold, 0.1 s + 10 objects) and t1 (loading, sized like t2); half of each is left on average.
     assert reg.views("m")[0].link_backlog == pytest.approx(2 * (0.1 + 0.01) / 2)
+
+
+def test_a_worker_that_caps_its_store_reads_is_priced_at_the_cap():
+    from instgenie.services.scheduler.costmodel import AnalyticalCostModel, cap_store_reads
+
+    mine = _profile()  # store reads at 100 MB/s
+    reg = Registry(profiles=[mine])
+    capped, uncapped, above = info("a"), info("b"), info("c")
+    capped.store_read_bytes_per_second = 25e6
+    above.store_read_bytes_per_second = 1e9  # a cap above what the store gives changes nothing
+    for i in (capped, uncapped, above):
+        i.device = "cpu"
+        reg.register(i, wpb.WorkerLoad())
+    a, b, c = reg.get("a"), reg.get("b"), reg.get("c")
+    assert b.cost.transfer_seconds(100_000_000) == pytest.approx(1.0 + 0.001)
+    assert a.cost.transfer_seconds(100_000_000) == pytest.approx(4.0 + 0.001)
+    assert a.cost.step_time(1e9, 2) == b.cost.step_time(1e9, 2)  # compute is the profile's
+    assert c.cost is b.cost and "capped" not in c.cost_source
+    assert "capped at 25 MB/s" in a.cost_source and "25 MB/s" in a.cost.name
+    reg.register(capped, wpb.WorkerLoad())  # re-registration: the same cost model object, what was learnt kept
+    assert reg.get("a").cost is a.cost and reg.get("a").accuracy is a.accuracy
+    slow = cap_store_reads(AnalyticalCostModel(store_bandwidth_bytes_per_second=500e6), 50e6)
+    assert slow.transfer_seconds(50_000_000) == pytest.approx(1.0 + slow.store_latency_seconds)
