@@ -159,6 +159,27 @@ def test_kv_buffer_path_matches_split_path_and_reference(small_model, sequences,
     assert (buffered - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["kv", "y"])
+def test_cpu_weight_kinds_match_reference(small_model, mode, monkeypatch):
+    """fp32 CPU projections from oneDNN's prepacked weights (GELU fused) and from the (in, out) copies kept for
+    other dtypes: both match the oracle, and each kind is memoised apart (switching never serves the other)."""
+    from instgenie.engine.transformer import sparse_blocks
+
+    edit, caches, keep, index, step = _edit_step(small_model, mode, 2, seed=40)
+    dense = dense_forward(small_model.transformer, **edit, mode=mode, caches=caches, keep=keep)
+    expected = torch.cat([dense[s, idx] for s, idx in enumerate(index)])
+    block = small_model.transformer.single_transformer_blocks[0]
+    kinds = {}
+    for onednn in (True, False, True):
+        monkeypatch.setattr(sparse_blocks, "ONEDNN_LINEAR", onednn)
+        out = sparse_forward(small_model.transformer, step)
+        assert (out - expected).abs().max().item() < 1e-5, onednn
+        kinds[onednn] = sparse_blocks._fused_linear(block, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+    if torch.backends.mkldnn.is_available():
+        assert kinds[True][3] == "onednn" and kinds[True][0].is_mkldnn
+    assert kinds[False][3] == "transposed" and not kinds[False][0].is_mkldnn
+
+
 def test_complex_rope_equals_diffusers_rotary_embedding(small_model):
     from diffusers.models.embeddings import apply_rotary_emb
 
