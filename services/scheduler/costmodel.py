@@ -13,7 +13,11 @@ host -> device = bytes / bandwidth + c            per step, the batch's step sha
 Workers describe their model with the fields of worker.v1.ModelInfo, which is all the FLOP count needs.
 
 `CostModel.request_flops` is the one per-request figure the scheduler, the placement timeline and the simulator
-sum over a batch and feed to `step_time`. A fitted model with a d term folds it in as FLOPs at the dense rate,
+sum over a batch and feed to `step_time`. It counts the request's own template: `image_tokens` (the template's
+size; 0 = the model's default) sizes the attention, the cached-key passes and, for a UNet, every convolution.
+A UNet model (family "unet-inpaint", with its announced shape) is counted by `unet_step_flops` with O-caching;
+the scheduler knows only its masked latent cells, so each level's masked tokens are estimated for a compact
+mask (flops.compact_mask_tokens). A fitted model with a d term folds it in as FLOPs at the dense rate,
 FLOPs + (d / a) * X, so every step stays a * sum + c * n + b (the linear fast path of placement).
 """
 from __future__ import annotations
@@ -22,9 +26,12 @@ import abc
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from instgenie.engine.flops import FluxShape, cached_attention_flops, step_flops
+from instgenie.engine.flops import FluxShape, UNetShape, cached_attention_flops, step_flops, unet_step_flops
 
 from .profile import Profile
+
+
+UNET = "unet-inpaint"
 
 
 @dataclass(frozen=True)
@@ -40,43 +47,72 @@ class ModelShape:
     in_channels: int
     out_channels: int
     branches: int = 1
+    family: str = "flux"
+    #: a UNet's shape (family "unet-inpaint"); None for a transformer, or a UNet the count does not model
+    unet: UNetShape | None = None
+
+    def __post_init__(self):  # a profile's details carry the UNet shape as a dict
+        if isinstance(self.unet, dict):
+            object.__setattr__(self, "unet", UNetShape(**self.unet))
 
     @classmethod
     def from_proto(cls, info) -> "ModelShape":
+        unet = None
+        if info.HasField("unet"):
+            u = info.unet
+            unet = UNetShape(tuple(u.channels), tuple(u.layers), tuple(u.down_attention), tuple(u.up_attention),
+                             tuple(u.transformer_layers), u.mid_attention, u.cross_attention_dim, info.in_channels,
+                             info.out_channels or info.in_channels, u.time_embed_dim)
         return cls(info.model_id, info.image_tokens, info.text_tokens, info.hidden, info.dual_blocks,
-                   info.single_blocks, info.in_channels, info.out_channels or info.in_channels, max(1, info.branches))
+                   info.single_blocks, info.in_channels, info.out_channels or info.in_channels, max(1, info.branches),
+                   info.family or "flux", unet)
 
     @property
     def flux(self) -> FluxShape:
         return FluxShape(self.dual_blocks, self.single_blocks, self.hidden, self.in_channels, self.out_channels)
 
+    @property
+    def is_unet(self) -> bool:
+        return self.family == UNET
 
-def _computed(shape: ModelShape, tokens: int) -> int:
-    return max(1, min(int(tokens), shape.image_tokens or int(tokens)))
+
+def _image_tokens(shape: ModelShape, image_tokens: int) -> int:
+    return int(image_tokens) if image_tokens and image_tokens > 0 else shape.image_tokens
+
+
+def _computed(image_tokens: int, tokens: int) -> int:
+    return max(1, min(int(tokens), image_tokens or int(tokens)))
 
 
 @lru_cache(maxsize=65536)
 def request_flops(shape: ModelShape, tokens: int, mode: str = "kv", kv_attention: str = "joint",
-                  cached_weight: float = 0.0) -> float:
-    """FLOPs of one request's denoising step computing `tokens` masked tokens, every guidance branch included,
-    KV attention counted as `kv_attention`; plus `cached_weight` x its cached-key attention FLOPs (a fitted
-    profile's d / a: that pass's surcharge expressed in FLOPs at the dense rate)."""
+                  cached_weight: float = 0.0, image_tokens: int = 0) -> float:
+    """FLOPs of one request's denoising step computing `tokens` masked tokens of a template of `image_tokens`
+    tokens (0: the model's default size), every guidance branch included, KV attention counted as
+    `kv_attention`; plus `cached_weight` x its cached-key attention FLOPs (a fitted profile's d / a: that pass's
+    surcharge expressed in FLOPs at the dense rate). A UNet counts O-caching whatever `mode` says (its only
+    mode) and has no cached-key pass."""
+    n = _image_tokens(shape, image_tokens)
+    computed = _computed(n, tokens)
+    if shape.is_unet:
+        # A UNet worker of a shape the count does not model announces none: its steps cost only b and c.
+        flops = 0.0 if shape.unet is None else unet_step_flops(shape.unet, n, shape.text_tokens, computed)
+        return flops * shape.branches
     mode = mode if mode in ("kv", "y") else "kv"
-    computed = _computed(shape, tokens)
-    flops = step_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed=computed, mode=mode,
-                       kv_attention=kv_attention)
+    flops = step_flops(shape.flux, n, shape.text_tokens, computed=computed, mode=mode, kv_attention=kv_attention)
     if cached_weight and mode == "kv":
-        flops += cached_weight * cached_attention_flops(shape.flux, shape.image_tokens, shape.text_tokens, computed,
-                                                        kv_attention)
+        flops += cached_weight * cached_attention_flops(shape.flux, n, shape.text_tokens, computed, kv_attention)
     return flops * shape.branches
 
 
-def request_cached_flops(shape: ModelShape, tokens: int, mode: str = "kv", kv_attention: str = "joint") -> float:
+def request_cached_flops(shape: ModelShape, tokens: int, mode: str = "kv", kv_attention: str = "joint",
+                         image_tokens: int = 0) -> float:
     """FLOPs of one request's split KV attention passes over cached keys (the d term's regressor), every branch."""
-    if mode != "kv":
+    if mode != "kv" or shape.is_unet:
         return 0.0
-    return cached_attention_flops(shape.flux, shape.image_tokens, shape.text_tokens, _computed(shape, tokens),
-                                  kv_attention) * shape.branches
+    n = _image_tokens(shape, image_tokens)
+    return cached_attention_flops(shape.flux, n, shape.text_tokens, _computed(n, tokens), kv_attention) \
+        * shape.branches
 
 
 class CostModel(abc.ABC):
@@ -106,12 +142,17 @@ class CostModel(abc.ABC):
         predict_finish); None otherwise."""
         return None
 
-    def request_flops(self, shape: ModelShape, tokens: int, mode: str = "kv") -> float:
-        return request_flops(shape, tokens, mode)
+    def request_flops(self, shape: ModelShape, tokens: int, mode: str = "kv", image_tokens: int = 0) -> float:
+        """Module `request_flops` as this model counts them (a fitted profile: its KV attention and d term)."""
+        return request_flops(shape, tokens, mode, image_tokens=image_tokens)
 
-    def step_seconds(self, shape: ModelShape, masked_tokens: list[int], mode: str = "kv") -> float:
-        """One denoising step of a batch whose requests compute these masked tokens (per guidance branch)."""
-        return self.step_time(sum(self.request_flops(shape, t, mode) for t in masked_tokens), len(masked_tokens))
+    def step_seconds(self, shape: ModelShape, masked_tokens: list[int], mode: str = "kv",
+                     image_tokens: list[int] | None = None) -> float:
+        """One denoising step of a batch whose requests compute these masked tokens (per guidance branch) of
+        templates of these sizes (None: every one the model's default)."""
+        sizes = image_tokens or [0] * len(masked_tokens)
+        return self.step_time(sum(self.request_flops(shape, t, mode, n) for t, n in zip(masked_tokens, sizes)),
+                              len(masked_tokens))
 
 
 @dataclass
@@ -169,8 +210,8 @@ class FittedCostModel(CostModel):
     def linear(self) -> tuple[float, float, float] | None:
         return None if self.device is not None else (self.a, self.b, self.c)
 
-    def request_flops(self, shape: ModelShape, tokens: int, mode: str = "kv") -> float:
-        return request_flops(shape, tokens, mode, self.kv_attention, self.cached_weight)
+    def request_flops(self, shape: ModelShape, tokens: int, mode: str = "kv", image_tokens: int = 0) -> float:
+        return request_flops(shape, tokens, mode, self.kv_attention, self.cached_weight, image_tokens)
 
     def transfer_seconds(self, cache_bytes: int, objects: int = 1) -> float:
         return self.store.seconds(cache_bytes, objects)

@@ -43,6 +43,8 @@ class Work:
     mode: str = "kv"
     #: bytes of one step shard (moved host -> device every step on a streaming device)
     step_bytes: int = 0
+    #: image tokens of its template (0: the model's default size), when flops are counted from tokens
+    image_tokens: int = 0
 
 
 @dataclass
@@ -103,6 +105,8 @@ class PlacementRequest:
     steps: int
     cache_bytes: int = 0
     mode: str = "kv"
+    #: image tokens of the template (its size; 0: the model's default), which its FLOPs are counted at
+    image_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class PlacementPolicy(ABC):
 
 
 def _flops(w: Work, shape: ModelShape, cost: CostModel) -> float:
-    return w.flops or cost.request_flops(shape, w.tokens, w.mode)
+    return w.flops or cost.request_flops(shape, w.tokens, w.mode, w.image_tokens)
 
 
 def cache_gates(view: WorkerView, request: PlacementRequest, cost: CostModel) -> tuple[float, float]:
@@ -234,7 +238,8 @@ def simulate_finish(view: WorkerView, request: PlacementRequest, cost: CostModel
     # [flops, steps left, step bytes]
     running = [[_flops(w, view.shape, cost), w.steps_left, w.step_bytes] for w in view.running if w.steps_left > 0]
     waiting = [[_flops(w, view.shape, cost), w.steps_left, w.step_bytes] for w in view.waiting if w.steps_left > 0]
-    mine = [cost.request_flops(view.shape, max(1, request.tokens), request.mode), max(1, request.steps), my_bytes]
+    mine = [cost.request_flops(view.shape, max(1, request.tokens), request.mode, request.image_tokens),
+            max(1, request.steps), my_bytes]
     waiting.append(mine)
     batch_size = max(1, view.max_batch_size)
     mid_step = view.mid_step and bool(running)
@@ -279,7 +284,7 @@ def predict_finish(view: WorkerView, request: PlacementRequest, cost: CostModel 
     tl = view.timeline(cost)
     # The timeline counts from the start of the step under way: shift the gates in, the answer out.
     shift = view.elapsed if tl.boundary else 0.0
-    flops = cost.request_flops(view.shape, max(1, request.tokens), request.mode)
+    flops = cost.request_flops(view.shape, max(1, request.tokens), request.mode, request.image_tokens)
     steps = max(1, request.steps)
     finish = tl.finish(flops, steps, start_gate + shift) - shift
     if end_gate > 0:

@@ -59,6 +59,8 @@ class Tracked:
     #: its worker was loading a template while it ran: a step may have waited for a shard, so its timing
     #: says nothing about the device
     overlapped_load: bool = False
+    #: image tokens of its template (0: the model's default size), which its FLOPs are counted at
+    image_tokens: int = 0
 
 
 @dataclass
@@ -267,7 +269,7 @@ class Registry:
         flops, n = 0.0, 0
         for t in record.tracked.values():
             if t.started:
-                flops += t.flops or cost.request_flops(record.shape, t.tokens, t.mode)
+                flops += t.flops or cost.request_flops(record.shape, t.tokens, t.mode, t.image_tokens)
                 n += 1
         branches = max(1, record.shape.branches)
         for r in record.load.running:
@@ -284,7 +286,8 @@ class Registry:
             return cached[1]
         running, waiting = [], []
         for t in record.tracked.values():
-            work = Work(t.tokens, max(0, t.total_steps - t.steps_done), t.flops, t.mode)
+            work = Work(t.tokens, max(0, t.total_steps - t.steps_done), t.flops, t.mode,
+                        image_tokens=t.image_tokens)
             (running if t.started else waiting).append(work)
         # Work the worker reports but this scheduler did not place (e.g. placed before a restart).
         branches = max(1, record.shape.branches)

@@ -87,6 +87,17 @@ def _connect(address: str):
     return channel, wpb_grpc.WorkerServiceStub(channel)
 
 
+def _check_tokens(masked: int, image: int) -> None:
+    """The cost model's token counts: none negative, no more masked tokens than the template has."""
+    if masked < 0:
+        raise invalid("masked_tokens", f"masked_tokens must be >= 0, got {masked}")
+    if image < 0:
+        raise invalid("image_tokens", f"image_tokens must be the template's token count, or 0 for the model's "
+                      f"default size; got {image}")
+    if image and masked > image:
+        raise invalid("masked_tokens", f"masked_tokens ({masked}) exceeds the template's image_tokens ({image})")
+
+
 def _fingerprint(request: pb.EditRequest) -> bytes:
     """What makes two edits the same edit: every input, but not how often the caller wants progress or
     previews (a retry may come from a unary Edit or a StreamEdit and still be the same edit)."""
@@ -228,7 +239,8 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
             view = self.registry.view(record)
             if not view.running:
                 continue
-            step = (view.cost or self.default_cost).step_seconds(view.shape, [w.tokens for w in view.running])
+            step = (view.cost or self.default_cost).step_seconds(view.shape, [w.tokens for w in view.running],
+                                                                 image_tokens=[w.image_tokens for w in view.running])
             eta = min(w.steps_left for w in view.running) * step
             best = eta if best is None else min(best, eta)
         return max(0.5, min(best if best is not None else 1.0, 30.0))
@@ -268,6 +280,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                 raise invalid(name, f"{name} is required")
         if request.steps <= 0:
             raise invalid("steps", "steps must be the template's step count (> 0)")
+        _check_tokens(request.masked_tokens, request.image_tokens)
         key = (request.tenant, e.request_id)
         fingerprint = _fingerprint(request)
         flight = self.flights.get(key)
@@ -299,16 +312,17 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         e = request.edit
         request_id_var.set(e.request_id)
         mode = request.cache_mode or "kv"
+        size = int(request.image_tokens)  # the template's own token count: FLOPs are counted at its size
         place = PlacementRequest(request.model, e.template_id, int(request.masked_tokens), int(request.steps),
-                                 int(request.cache_bytes), mode)
+                                 int(request.cache_bytes), mode, size)
         self.heat.observe(e.template_id, request.model, int(request.cache_bytes))
 
         async def call(record, remaining, predicted, tier):
             cost = record.cost or self.default_cost
             tracked = Tracked(e.request_id, e.template_id, int(request.masked_tokens), int(request.steps),
-                              flops=cost.request_flops(record.shape, int(request.masked_tokens), mode), mode=mode,
-                              placed_at=time.monotonic(), cache_bytes=int(request.cache_bytes), predicted=predicted,
-                              tier=tier)
+                              flops=cost.request_flops(record.shape, int(request.masked_tokens), mode, size),
+                              mode=mode, placed_at=time.monotonic(), cache_bytes=int(request.cache_bytes),
+                              predicted=predicted, tier=tier, image_tokens=size)
             self.registry.track(record.worker_id, tracked)
             try:
                 stream = record.stub.Edit(e, timeout=remaining)
@@ -448,6 +462,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         request_id_var.set(r.template_id or "-")
         if not r.template_id or not request.model:
             raise invalid("registration.template_id", "registration.template_id and model are required")
+        _check_tokens(0, request.image_tokens)
         self._admit()
         flight = Flight(("registration", r.template_id), b"", kind="registration",
                         is_progress=lambda m: m.WhichOneof("event") == "worker_event"
@@ -456,12 +471,13 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         deadline = time.monotonic() + (remaining if remaining is not None else self.config.default_deadline)
         served = [w for w in self.registry.live(request.model)]
         shape = served[0].shape if served else None
-        tokens = shape.image_tokens if shape else 1
+        size = int(request.image_tokens)  # a registration computes every token of the template
+        tokens = size or (shape.image_tokens if shape else 1)
         steps = r.steps or (served[0].info.model.default_steps if served else 1)
-        place = PlacementRequest(request.model, r.template_id, tokens, steps, 0)
+        place = PlacementRequest(request.model, r.template_id, tokens, steps, 0, image_tokens=size)
 
         async def call(record, remaining, predicted, tier):
-            tracked = Tracked(r.template_id, r.template_id, tokens, steps, started=True)
+            tracked = Tracked(r.template_id, r.template_id, tokens, steps, started=True, image_tokens=size)
             self.registry.track(record.worker_id, tracked)
             try:
                 stream = record.stub.RegisterTemplate(r, timeout=remaining)

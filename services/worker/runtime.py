@@ -20,6 +20,7 @@ import torch
 from instgenie.engine.cache_provider import HostTierProvider
 from instgenie.engine.editor import MAX_STEPS, Editor
 from instgenie.engine.editors import editor_for
+from instgenie.engine.flops import UNetShape
 from instgenie.engine.models.loader import load_model, preset_model
 from instgenie.engine.serving.loop import EngineLoop
 from instgenie.engine.template_cache import TemplateManifest, TemplateStore
@@ -167,8 +168,24 @@ class WorkerRuntime:
             single_blocks=len(getattr(tr, "single_transformer_blocks", [])),
             in_channels=int(tr.config.in_channels), out_channels=int(tr.config.out_channels or tr.config.in_channels),
             branches=2 if info.guidance == "cfg" else 1, element_bytes=element, config_hash=info.config_hash,
-            cache_modes=list(self.editor.cache_modes), cell=int(self.editor.model.cell),
+            cache_modes=list(self.editor.cache_modes), cell=int(self.editor.model.cell), family=info.family,
+            unet=self._unet_shape(),
         )
+
+    def _unet_shape(self) -> wpb.UNetShape | None:
+        """A UNet's shape for the scheduler's FLOP count; None for a transformer or a UNet the count does not
+        model (logged: the scheduler then predicts its steps from the per-step and per-request terms alone)."""
+        if self.editor.model.info.family != "unet-inpaint":
+            return None
+        try:
+            u = UNetShape.of(self.editor.model.transformer)
+        except ValueError as exc:
+            log.warning("the scheduler cannot count this UNet's FLOPs: %s", exc)
+            return None
+        return wpb.UNetShape(channels=u.channels, layers=u.layers, down_attention=u.down_attention,
+                             up_attention=u.up_attention, transformer_layers=u.transformer_layers,
+                             mid_attention=u.mid_attention, cross_attention_dim=u.cross_attention_dim,
+                             time_embed_dim=u.time_embed_dim)
 
     def template_tiers(self) -> tuple[list[str], list[str]]:
         """(templates whose every step is in host memory, templates being loaded into it)."""

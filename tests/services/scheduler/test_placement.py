@@ -23,7 +23,7 @@ class LinearCost(CostModel):
     def __init__(self, c: float = 0.0, pre: float = 0.0, post: float = 0.0):
         self.c, self.pre_seconds, self.post_seconds = c, pre, post
 
-    def request_flops(self, shape, tokens, mode="kv"):
+    def request_flops(self, shape, tokens, mode="kv", image_tokens=0):
         return float(tokens)
 
     def step_time(self, flops, requests=1, device_bytes=0):
