@@ -201,21 +201,23 @@ def _finish_mask(mask: np.ndarray, size, allow_empty: bool, field: str) -> np.nd
     return mask
 
 
-def mask_tokens(mask: np.ndarray, scale_factor: int, dilate: int = 0) -> int:
-    """Packed 2x2 tokens an edit computes for `mask` (the any-pixel rule, then `dilate` tokens of growth).
+def mask_tokens(mask: np.ndarray, scale_factor: int, dilate: int = 0, pack: int = 2) -> int:
+    """Tokens an edit computes for `mask` (the any-pixel rule, then `dilate` tokens of growth): packed
+    `pack` x `pack` latent cells, 2 for Flux; 1 for a UNet, whose tokens are its latent cells.
 
-    The same count as `masks.tokens_from_mask(...).tokens.sum()`, without torch: the scheduler's cost model
-    uses it to price a request before it reaches a worker.
+    The same count as `masks.tokens_from_mask(...).tokens.sum()` (Flux) and `unet.editor.latent_mask(...)`
+    (a UNet), without torch: the scheduler's cost model uses it to price a request before it reaches a worker.
     """
     m = np.asarray(mask, dtype=bool)
     if m.ndim != 2:
         raise InvalidMaskError(f"mask must be 2-D, got shape {tuple(m.shape)}", field="mask")
     s = int(scale_factor)
     h, w = m.shape[0] // s, m.shape[1] // s
-    if h % 2 or w % 2:
-        raise InvalidMaskError(f"image size must be a multiple of {2 * s} pixels; got {tuple(m.shape)}", field="mask")
+    if h % pack or w % pack:
+        raise InvalidMaskError(f"image size must be a multiple of {pack * s} pixels; got {tuple(m.shape)}",
+                               field="mask")
     latent = m[:h * s, :w * s].reshape(h, s, w, s).any(axis=(1, 3))
-    grid = latent.reshape(h // 2, 2, w // 2, 2).any(axis=(1, 3))
+    grid = latent.reshape(h // pack, pack, w // pack, pack).any(axis=(1, 3))
     return int(dilate_grid(grid, dilate).sum())
 
 

@@ -208,7 +208,8 @@ class GatewayService(pb_grpc.EditServiceServicer):
         await self._io_call(self.records.remember_content, record, request.image)
         if request.request_id:
             await self._io_call(self.records.remember_request, tenant.name, request.request_id, record.template_id)
-        task = asyncio.get_running_loop().create_task(self._drive_registration(record, request.image))
+        task = asyncio.get_running_loop().create_task(
+            self._drive_registration(record, request.image, v.template_tokens(model, width, height)))
         self._driving[record.template_id] = task
         self._driving_records[record.template_id] = record
 
@@ -245,7 +246,7 @@ class GatewayService(pb_grpc.EditServiceServicer):
                           "it")
         return sorted(fits, key=lambda m: m.model_id)[0]
 
-    async def _drive_registration(self, record: TemplateRecord, image: bytes) -> None:
+    async def _drive_registration(self, record: TemplateRecord, image: bytes, image_tokens: int) -> None:
         request_id_var.set(record.template_id)
         reg = wpb.RegisterTemplateRequest(template_id=record.template_id, image=image, prompt=record.prompt,
                                           steps=record.steps, seed=record.seed, cache_mode=record.cache_mode)
@@ -254,7 +255,8 @@ class GatewayService(pb_grpc.EditServiceServicer):
         last_saved = 0.0
         try:
             call = self.scheduler.RegisterTemplate(
-                spb.RegisterTemplateRequest(registration=reg, tenant=record.tenant, model=record.model),
+                spb.RegisterTemplateRequest(registration=reg, tenant=record.tenant, model=record.model,
+                                            image_tokens=image_tokens),
                 timeout=self.config.default_create_deadline)
             async for msg in call:
                 if msg.WhichOneof("event") != "worker_event":
@@ -424,7 +426,8 @@ class GatewayService(pb_grpc.EditServiceServicer):
             raise invalid("steps", f"template {record.template_id!r} was registered with {record.steps} steps; edits "
                           f"run that many (send 0 or {record.steps}), got {e.steps}")
         model = await self._model(record.model)
-        check = (v.check_mask, e.mask, record.width, record.height, model.scale_factor, e.dilate, limits)
+        check = (v.check_mask, e.mask, record.width, record.height, model.scale_factor, e.dilate, limits,
+                 v.token_pack(model))
         # A small mask decodes faster than a hop to the thread pool; a big one must not stall the event loop.
         _, tokens = check[0](*check[1:]) if len(e.mask) <= INLINE_DECODE_BYTES else await self._io_call(*check)
         seed = e.seed if e.HasField("seed") else secrets.randbelow(2 ** 31)
@@ -433,9 +436,11 @@ class GatewayService(pb_grpc.EditServiceServicer):
                               tenant=tenant.name, preview_every_steps=min(e.preview_every_steps, record.steps))
         if guidance is not None:
             job.guidance_scale = guidance
+        # The cost model prices the edit at its template's size and cache mode, not the model's defaults.
         return spb.EditRequest(edit=job, tenant=tenant.name, model=record.model, masked_tokens=tokens,
                                cache_bytes=record.cache_bytes, steps=record.steps,
-                               tenant_max_in_flight=tenant.max_in_flight), record
+                               tenant_max_in_flight=tenant.max_in_flight, cache_mode=record.cache_mode,
+                               image_tokens=v.template_tokens(model, record.width, record.height)), record
 
     async def _scheduler_messages(self, call, keepalive: float | None):
         """The scheduler's messages, with None inserted after `keepalive` seconds without one (streams only)."""

@@ -99,8 +99,25 @@ def check_image(data: bytes, limits: Limits, field: str = "image"):
     return decode_image(data, limits.image, field=field)
 
 
-def check_mask(data: bytes, width: int, height: int, scale_factor: int, dilate: int, limits: Limits):
-    """(bool mask (H, W), masked tokens per step) of an edit's mask, or INVALID_ARGUMENT saying what is wrong."""
+#: the family whose tokens are latent cells (Flux packs 2x2 cells into one token)
+UNET_FAMILY = "unet-inpaint"
+
+
+def token_pack(model) -> int:
+    """Latent cells per token side of a worker.v1.ModelInfo: 1 for a UNet, 2 for Flux (and unknown families)."""
+    return 1 if model.family == UNET_FAMILY else 2
+
+
+def template_tokens(model, width: int, height: int) -> int:
+    """Image tokens of a width x height template of `model`, which the cost model counts its FLOPs at."""
+    px = max(1, model.scale_factor) * token_pack(model)
+    return (width // px) * (height // px)
+
+
+def check_mask(data: bytes, width: int, height: int, scale_factor: int, dilate: int, limits: Limits,
+               pack: int = 2):
+    """(bool mask (H, W), masked tokens per step) of an edit's mask, or INVALID_ARGUMENT saying what is wrong.
+    `pack`: latent cells per token side (`token_pack`)."""
     if not data:
         raise invalid("mask", "mask is empty: send a PNG of the template's size, white = edit")
     image = decode_image(data, limits.image, field="mask")
@@ -116,7 +133,7 @@ def check_mask(data: bytes, width: int, height: int, scale_factor: int, dilate: 
     if not mask.any():
         raise invalid("mask", "mask selects no pixel (all black or fully transparent); paint the region to edit "
                       "in white", reason="EMPTY_MASK")
-    return mask, mask_tokens(mask, scale_factor, dilate)
+    return mask, mask_tokens(mask, scale_factor, dilate, pack)
 
 
 #: 8-bit modes whose grey levels mean something; others (1, F, I, I;16) are judged by the engine's rules alone
