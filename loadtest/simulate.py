@@ -12,8 +12,9 @@ Trace (production-shaped, a pure function of the seed): Poisson arrivals, or bur
 Markov-modulated Poisson process: bursts at 3x the mean rate a quarter of the time, the rest at 1/3x, same
 mean); mask ratios from the paper's distributions (production mean 0.11, public 0.19: loadtest/trace.py);
 templates drawn from a Zipf law over `--templates` (>= 500) templates; each template's step count from
-`--template-steps` (one value, or a list drawn uniformly per template); its cache bytes from the model shape
-(KV mode). The arrival rate is `load` x the fleet's capacity, estimated from the profile (full batches of the
+`--template-steps` (one value, or a list drawn uniformly per template); its size (image tokens) from
+`--template-tokens` likewise (default: the model's), which the cost model counts its FLOPs at; its cache bytes
+from the model shape and its size (KV mode for Flux, O mode for a UNet). The arrival rate is `load` x the fleet's capacity, estimated from the profile (full batches of the
 mean request).
 
 Reported per (workers, policy): mean / P95 / P99 latency (arrival to answer), throughput, template cache hit
@@ -57,6 +58,8 @@ class SimConfig:
     templates: int = 500
     zipf: float = 1.0
     template_steps: tuple[int, ...] = (8,)
+    #: image tokens of templates, one drawn per template (empty: every template the model's default size)
+    template_tokens: tuple[int, ...] = ()
     max_batch: int = 8
     capacity_per_slot: int = 4
     host_templates: int = 8
@@ -80,18 +83,23 @@ def shape_of(profile: Profile) -> ModelShape:
     return ModelShape(**s)
 
 
-def cache_bytes(shape: ModelShape, steps: int, element_bytes: int = 4) -> int:
-    """KV-mode cache of one template (README: 2 x steps x branches x blocks x N_img x hidden x bytes)."""
-    return 2 * steps * shape.branches * (shape.dual_blocks + shape.single_blocks) * shape.image_tokens \
-        * shape.hidden * element_bytes
+def cache_bytes(shape: ModelShape, steps: int, element_bytes: int = 4, image_tokens: int = 0) -> int:
+    """The cache of one template of `image_tokens` tokens (0: the model's default size): KV mode for Flux
+    (README: 2 x steps x branches x blocks x N_img x hidden x bytes), O mode for a UNet (every self-attention
+    block's output at its level, unet.ocache.o_cache_bytes)."""
+    n = image_tokens or shape.image_tokens
+    if shape.unet is not None:
+        return steps * shape.branches * shape.unet.o_cache_elements(n) * element_bytes
+    return 2 * steps * shape.branches * (shape.dual_blocks + shape.single_blocks) * n * shape.hidden * element_bytes
 
 
 def capacity(profile: Profile, shape: ModelShape, cfg: SimConfig) -> float:
     """Requests/s one worker sustains with full batches of the mean request (as profiled)."""
     mean_ratio = {"production": 0.1113, "public": 0.1901}.get(cfg.dist, 0.15)
-    tokens = max(1, round(mean_ratio * shape.image_tokens))
+    size = round(float(np.mean(cfg.template_tokens))) if cfg.template_tokens else shape.image_tokens
+    tokens = max(1, round(mean_ratio * size))
     cost = FittedCostModel(profile)  # the scheduler's own FLOP count and step time, d term included
-    flops = cost.request_flops(shape, tokens)
+    flops = cost.request_flops(shape, tokens, image_tokens=size)
     steps = float(np.mean(cfg.template_steps))
     b = cfg.max_batch
     per_step = cost.step_time(b * flops, b)
@@ -132,12 +140,16 @@ def make_trace(cfg: SimConfig, shape: ModelShape, rate: float, cost: CostModel |
     weights = ranks ** -cfg.zipf
     picks = rng.choice(cfg.templates, size=cfg.requests, p=weights / weights.sum())
     steps_of = rng.choice(np.asarray(cfg.template_steps), size=cfg.templates)
+    # drawn only when asked for: a trace of default-size templates stays what it was for its seed
+    sizes_of = rng.choice(np.asarray(cfg.template_tokens), size=cfg.templates) if cfg.template_tokens else None
     reqs = []
     for i in range(cfg.requests):
-        tokens = max(1, int(round(ratios[i] * shape.image_tokens)))
+        size = int(sizes_of[picks[i]]) if sizes_of is not None else shape.image_tokens
+        tokens = max(1, int(round(ratios[i] * size)))
         steps = int(steps_of[picks[i]])
         reqs.append(SimRequest(i, float(times[i]), f"t{picks[i]:04d}", tokens, steps,
-                               cost.request_flops(shape, tokens), cache_bytes(shape, steps)))
+                               cost.request_flops(shape, tokens, image_tokens=size),
+                               cache_bytes(shape, steps, image_tokens=size), image_tokens=size))
     return reqs
 
 
@@ -190,7 +202,7 @@ class Simulation:
         views = self._views()
         t1 = time.thread_time_ns()
         choice = self.policy.choose(PlacementRequest(self.shape.model_id, req.template, req.tokens, req.steps,
-                                                     req.cache_bytes), views)
+                                                     req.cache_bytes, image_tokens=req.image_tokens), views)
         t2 = time.thread_time_ns()
         self.view_ns.append(t1 - t0)
         self.decision_ns.append(t2 - t1)
@@ -285,6 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--templates", type=int, default=500)
     ap.add_argument("--zipf", type=float, default=1.0, help="template popularity exponent")
     ap.add_argument("--template-steps", default="8", help="step counts of templates (one drawn per template)")
+    ap.add_argument("--template-tokens", default="",
+                    help="image tokens of templates, one drawn per template (default: the model's size)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--host-templates", type=int, default=8, help="templates a worker's host memory holds")
     ap.add_argument("--store-bandwidth", type=float, default=0.0,
@@ -305,6 +319,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     profile = Profile.load(args.profile)
     steps = tuple(int(s) for s in args.template_steps.split(","))
+    sizes = tuple(int(s) for s in args.template_tokens.split(",") if s.strip())
     rows = []
     variants = [(p, True, True) for p in args.policies.split(",")]
     if args.ablations:
@@ -316,6 +331,7 @@ def main(argv=None) -> int:
                     cfg = SimConfig(workers=workers, policy=policy, load=load, dist=dist,
                                     requests=args.requests_per_worker * workers, arrivals=args.arrivals,
                                     templates=args.templates, zipf=args.zipf, template_steps=steps,
+                                    template_tokens=sizes,
                                     max_batch=args.max_batch, host_templates=args.host_templates,
                                     store_bandwidth=args.store_bandwidth * 1e6, slow_factor=args.slow_factor,
                                     slow_share=args.slow_share, correction=correction, warm=warm,
@@ -326,7 +342,8 @@ def main(argv=None) -> int:
                     print(f"{workers:4d} workers {dist:10s} load {load:.2f} {row['variant']:28s} "
                           f"P95 {row['latency_p95']:.3f} s  hit {row['hit_ratio']:.2f}  "
                           f"decision {row['decision_us_mean']:.0f} us  ({row['wall_seconds']:.0f} s)", file=sys.stderr)
-    cfg = vars(args) | {"profile_id": profile.profile_id, "template_steps": list(steps)}
+    cfg = vars(args) | {"profile_id": profile.profile_id, "template_steps": list(steps),
+                        "template_tokens": list(sizes)}
     result = {"config": cfg, "rows": rows}
     if args.plots:
         result["plots"] = [str(p) for p in simreport.plots(result, args.plots)]

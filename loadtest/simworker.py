@@ -46,6 +46,8 @@ class SimRequest:
     overlapped_load: bool = False
     finished: float | None = None
     attempts: int = 0
+    #: its template's image tokens (0: the model's default size)
+    image_tokens: int = 0
 
 
 @dataclass
@@ -201,8 +203,9 @@ class SimWorker:
             loading = frozenset(t for t, ld in self.host.items() if ld.done_at > now)
             v = self._view = WorkerView(
                 self.worker_id, self.shape, self.max_batch,
-                [Work(r.tokens, r.steps - r.steps_done, r.flops) for r in self.running],
-                [Work(r.tokens, r.steps, r.flops) for r in (*self.waiting, *self.preparing)],
+                [Work(r.tokens, r.steps - r.steps_done, r.flops, image_tokens=r.image_tokens) for r in self.running],
+                [Work(r.tokens, r.steps, r.flops, image_tokens=r.image_tokens)
+                 for r in (*self.waiting, *self.preparing)],
                 resident, loading, self.capacity, cost, speed, mid_step=self.stepping and bool(self.running))
         v.elapsed = now - self.step_start if v.mid_step else 0.0
         v.link_backlog = max(0.0, self.link_free_at - now)
