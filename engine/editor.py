@@ -405,6 +405,23 @@ class Editor:
             step_seconds=list(state.step_times), degraded=state.degraded,
         )
 
+    # Previews (the worker's StreamEdit): what the edit would look like if denoising stopped now.
+    def preview_inputs(self, state: RequestState, start: torch.Tensor):
+        """References to what `preview_latents` needs, taken on the engine's thread between steps (no copy, no
+        compute: the next step replaces these tensors rather than writing into them). `start`: the request's
+        latents before its first step."""
+        return state.latents, start, float(state.sigmas[state.step_index])
+
+    def preview_latents(self, state: RequestState, inputs) -> torch.Tensor:
+        """The clean latents the edit is heading for, as a latent image to decode (off the denoising loop).
+
+        Rectified flow moves x_t = (1 - sigma) x0 + sigma x1 from the starting noise x1 towards the image x0, so
+        x0 ~ (x_t - sigma x1) / (1 - sigma): exact for unmasked tokens, converging on the result for masked ones.
+        """
+        latents, start, sigma = inputs
+        x0 = (latents - sigma * start) / max(1.0 - sigma, 1e-3)
+        return self._latent_image(x0, state.manifest.resolution)
+
     def edit(self, template_id: str, mask, prompt: str, **kwargs) -> EditResult:
         """One edit, start to finish, alone in its batch."""
         state = self.start(EditRequest(template_id=template_id, mask=mask, prompt=prompt, **kwargs))

@@ -85,6 +85,9 @@ class RequestState:
     #: per guidance branch, a digest of what fixes its AdaLN conditioning at every step (pooled prompt, schedule,
     #: guidance); with the step index it keys the shared modulation rows (transformer/modulation.py)
     cond_digest: list[bytes] | None = None
+    #: the last step's (step index, latents it started from, guided model output), kept by families whose
+    #: previews predict x0 from the model output (a UNet's epsilon); references to tensors a step replaces
+    last_prediction: tuple | None = None
 
     @property
     def total_steps(self) -> int:

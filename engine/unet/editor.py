@@ -11,7 +11,7 @@ from ..masks import TokenMask
 from ..request import EditRequest, RequestState
 from ..template_cache import BASE_SHARD, step_shard
 from .ocache import OCapture, activated, instrument_unet
-from .step import template_latents_at, unet_step
+from .step import predicted_x0, template_latents_at, unet_step
 
 
 def latent_mask(pixels: torch.Tensor, scale_factor: int, dilate: int = 0) -> TokenMask:
@@ -115,6 +115,19 @@ class UNetEditor(Editor):
         if device.type == "cpu":
             return get
         return lambda step: {k: v.to(device, non_blocking=True) for k, v in get(step).items()}
+
+    def preview_inputs(self, state: RequestState, start: torch.Tensor):
+        """The last step's model output and the latents it started from (references, see Editor)."""
+        return state.last_prediction
+
+    def preview_latents(self, state: RequestState, inputs) -> torch.Tensor:
+        """The scheduler's own x0 prediction from the last step's epsilon (step.predicted_x0) for masked cells;
+        the template's latents, which the result keeps, for the others."""
+        if inputs is None:
+            raise ValueError("no step has run")
+        i, sample, output = inputs
+        x0 = predicted_x0(state.scheduler, state.timesteps[i], sample, output)
+        return state.mask.blend * x0 + (1 - state.mask.blend) * state.image_latents
 
     def step(self, states: list[RequestState], use_cache: list[bool] | None = None) -> dict[str, str]:
         """One denoising step; O-caching serves every block from the cache, so `use_cache` is not used."""

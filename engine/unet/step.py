@@ -45,11 +45,33 @@ def advance_unet(s: RequestState, pred: torch.Tensor) -> None:
     """Guidance, the request's own scheduler step, then pin unmasked latents to the template trajectory."""
     noise_pred = pred[0:1] + s.cfg_scale * (pred[1:2] - pred[0:1]) if s.cfg_scale is not None else pred[0:1]
     i = s.step_index
+    s.last_prediction = (i, s.latents, noise_pred)  # for previews: references, the step replaces s.latents
     latents = s.scheduler.step(noise_pred, s.timesteps[i], s.latents, return_dict=False)[0]
     last = i == s.total_steps - 1
     pinned = s.image_latents if last else template_latents_at(s.scheduler, s.image_latents, s.noise, s.timesteps[i + 1])
     s.latents = (1 - s.mask.blend) * pinned + s.mask.blend * latents
     s.step_index += 1
+
+
+def predicted_x0(scheduler, timestep, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """The clean latents a variance-preserving scheduler (DDIM, DDPM, PNDM, DPM-Solver: x_t = sqrt(a) x0 +
+    sqrt(1 - a) eps with a = alphas_cumprod[t]) predicts from the model's output at `timestep`, as DDIM's
+    `pred_original_sample`, for the checkpoint's `prediction_type` (epsilon, v_prediction or sample).
+    ValueError for a scheduler whose latents are not in that form (Euler-like: scaled by sigma)."""
+    if not hasattr(scheduler, "alphas_cumprod") or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        raise ValueError(f"{type(scheduler).__name__} is not a variance-preserving scheduler")
+    a = scheduler.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
+    x, out = sample.float(), model_output.float()
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+    elif kind == "v_prediction":
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+    elif kind == "sample":
+        x0 = out
+    else:
+        raise ValueError(f"unknown prediction_type {kind!r}")
+    return x0.to(sample.dtype)
 
 
 def unet_step(unet, states: list[RequestState], use_cache=None) -> dict[str, str]:

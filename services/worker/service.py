@@ -103,7 +103,7 @@ class _Sink:
                 return None
             if self._start is None or ev.steps_done % self.preview_every or ev.steps_done >= ev.total_steps:
                 return None
-            return state, state.latents, self._start, float(state.sigmas[state.step_index])
+            return state, self._engine.editor.preview_inputs(state, self._start)
         except Exception:  # noqa: BLE001 - a preview is optional; the edit must never suffer for one
             log.debug("no preview snapshot for %s", ev.request_id, exc_info=True)
             return None
@@ -377,22 +377,20 @@ def _png(image) -> bytes:
 PREVIEW_MAX_SIDE = 256
 
 
-def _preview_png(editor, state, latents, start, sigma: float) -> bytes:
+def _preview_png(editor, state, inputs) -> bytes:
     """What the edit would look like if denoising stopped now, as a small PNG ("" when it cannot be made).
 
-    Rectified flow moves x_t = (1 - sigma) x0 + sigma x1 from the starting noise x1 towards the image x0, so
-    x0 ~ (x_t - sigma x1) / (1 - sigma). That estimate is decoded like a result (template pixels outside the
-    mask), then shrunk. It is exact for unmasked tokens and converges on the result for masked ones.
+    The model family's estimate of the clean latents (`Editor.preview_latents`: rectified flow's for Flux, the
+    scheduler's x0 prediction from epsilon for a UNet) is decoded like a result (template pixels outside the
+    mask), then shrunk.
     """
     try:
         import torch
 
-        from instgenie.engine.latents import tensor_to_image, unpack
+        from instgenie.engine.latents import tensor_to_image
 
         with torch.no_grad():
-            x0 = (latents - sigma * start) / max(1.0 - sigma, 1e-3)
-            h, w = editor.latent_grid(state.manifest.resolution)
-            decoded = editor.model.codec.decode(unpack(x0, h, w))
+            decoded = editor.model.codec.decode(editor.preview_latents(state, inputs))
             mask = state.mask.pixels.to(decoded.device)[None, None]
             decoded = torch.where(mask, decoded, state.template_image.to(decoded.dtype))
             image = tensor_to_image(decoded)

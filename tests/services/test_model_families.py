@@ -79,3 +79,21 @@ def test_a_size_off_every_token_grid_is_refused_with_the_grids(families):
                           timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "multiples of 32 px" in err.value.details() and "multiples of 2 px" in err.value.details()
+
+
+def test_a_unet_edit_streams_previews_made_with_its_own_scheduler(families):
+    _, gw = families
+    template_id = create_template(gw, image=unet_image(128, 128), prompt="a red square")
+    mask = np.zeros((128, 128), np.uint8)
+    mask[32:96, 40:104] = 255
+    request = pb.StreamEditRequest(edit=pb.EditRequest(template_id=template_id, mask=png(mask), prompt="a circle",
+                                                       seed=5, preview_every_steps=1))
+    events = list(gw.StreamEdit(request, metadata=auth(), timeout=120))
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    # The preset's 4 steps: a preview after each but the last (whose picture is the result).
+    assert [p.step for p in progress if p.preview] == [1, 2, 3]
+    result = decode(events[-1].result.image).astype(int)
+    inside = mask > 0
+    off = [np.abs(decode(p.preview).astype(int)[inside] - result[inside]).mean() for p in progress if p.preview]
+    changed = np.abs(unet_image(128, 128)[inside].astype(int) - result[inside]).mean()
+    assert off[-1] < 0.1 * changed, f"the last preview is {off[-1]:.1f} off the result (the edit changed {changed:.1f})"
