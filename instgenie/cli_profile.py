@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 PROMPT = "8"  # a digit for the digits model; the Flux presets' byte-level tokenizers take anything
@@ -42,7 +43,8 @@ def add_parser(commands, common: argparse.ArgumentParser | None = None) -> argpa
     p.add_argument("--batches", default="1,2,4,8", help="batch sizes of the grid")
     p.add_argument("--masks", default="0.05,0.15,0.3,0.6,1.0",
                    help="masked share of the image tokens per request, for the grid")
-    p.add_argument("--modes", default="kv,y", help="cache modes of the grid")
+    p.add_argument("--modes", default="", help="cache modes of the grid (default: every mode the model records: "
+                   "kv,y for Flux, o for a UNet)")
     p.add_argument("--repeats", type=int, default=9, help="timed steps per cell (the median is kept)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per cell")
     p.add_argument("--statistic", default="min", choices=["min", "median"],
@@ -99,27 +101,58 @@ def _template_image(model):
 
 
 def _mask(model, tokens: int, seed: int):
-    """A pixel mask whose token mask has exactly `tokens` tokens (random ones, token-aligned)."""
+    """A pixel mask whose token mask has exactly `tokens` tokens, token-aligned: random ones for Flux (its
+    cost is the count, wherever they are); for a UNet a compact blob at a random place (a brush stroke: O-caching
+    max-pools the mask per level, so scattered cells would cover almost every coarse token)."""
     import numpy as np
 
-    cell = 2 * model.codec.scale_factor
+    rng = np.random.default_rng(seed)
+    unet = model.info.family == "unet-inpaint"
+    cell = model.codec.scale_factor * (1 if unet else 2)
     h, w = model.info.resolution
-    grid = np.zeros((h // cell) * (w // cell), dtype=bool)
-    grid[np.random.default_rng(seed).permutation(grid.size)[:tokens]] = True
-    return np.kron(grid.reshape(h // cell, w // cell), np.ones((cell, cell), dtype=bool)).astype(np.uint8) * 255
+    gh, gw = h // cell, w // cell
+    grid = np.zeros((gh, gw), dtype=bool)
+    if unet:  # rows of a near-square box, filled row by row
+        bw = min(gw, max(1, round(tokens ** 0.5)))
+        bh = min(gh, -(-tokens // bw))
+        y, x = rng.integers(0, gh - bh + 1), rng.integers(0, gw - bw + 1)
+        box = np.zeros(bh * bw, dtype=bool)
+        box[:tokens] = True
+        grid[y:y + bh, x:x + bw] = box.reshape(bh, bw)
+    else:
+        grid.flat[rng.permutation(grid.size)[:tokens]] = True
+    return np.kron(grid, np.ones((cell, cell), dtype=bool)).astype(np.uint8) * 255
 
 
 def model_shape(model, text_tokens: int):
-    from instgenie.services.scheduler.costmodel import ModelShape
+    from instgenie.engine.flops import UNetShape
+    from instgenie.services.scheduler.costmodel import UNET, ModelShape
 
     tr, info = model.transformer, model.info
     s = model.codec.scale_factor
     h, w = info.resolution
+    branches = 2 if info.guidance == "cfg" else 1
+    out_channels = int(tr.config.out_channels or tr.config.in_channels)
+    if info.family == UNET:  # a UNet's tokens are its latent cells
+        return ModelShape(info.model_id, image_tokens=(h // s) * (w // s), text_tokens=text_tokens, hidden=0,
+                          dual_blocks=0, single_blocks=0, in_channels=int(tr.config.in_channels),
+                          out_channels=out_channels, branches=branches, family=UNET, unet=UNetShape.of(tr))
     return ModelShape(info.model_id, image_tokens=(h // s // 2) * (w // s // 2), text_tokens=text_tokens,
                       hidden=int(tr.inner_dim), dual_blocks=len(tr.transformer_blocks),
                       single_blocks=len(tr.single_transformer_blocks), in_channels=int(tr.config.in_channels),
-                      out_channels=int(tr.config.out_channels or tr.config.in_channels),
-                      branches=2 if info.guidance == "cfg" else 1)
+                      out_channels=out_channels, branches=branches, family=info.family)
+
+
+def _unet_flops(shape, state) -> float:
+    """One UNet request's step FLOPs with its mask's own per-level counts (what the engine computes), not the
+    scheduler's compact-mask estimate: the profile fits the device's rate on the true work."""
+    from instgenie.engine.flops import unet_step_flops
+    from instgenie.engine.unet.ocache import level_masks
+
+    h, w = state.latents.shape[-2:]
+    levels = level_masks(state.mask.tokens.view(1, h, w).cpu(), shape.unet.levels)
+    per_level = [int(m.sum()) for m in levels.values()]
+    return shape.branches * unet_step_flops(shape.unet, h * w, shape.text_tokens, per_level)
 
 
 def measure_compute(editor, batches: list[int], masks: list[float], modes: list[str], repeats: int, warmup: int,
@@ -134,6 +167,7 @@ def measure_compute(editor, batches: list[int], masks: list[float], modes: list[
     # the KV attention sparse_forward takes on this device and dtype: the FLOPs are counted as it computes them
     kv_attention = "split" if lse_split_available(model.device, model.transformer.dtype) else "joint"
     steps = warmup + repeats
+    modes = modes or list(editor.cache_modes)
     templates = {mode: editor.register_template(_template_image(model), "3", mode=mode, seed=0, steps=steps)
                  for mode in modes}
     for manifest in templates.values():  # every step shard in memory first, as a worker's host tier holds them
@@ -147,8 +181,7 @@ def measure_compute(editor, batches: list[int], masks: list[float], modes: list[
         for batch in batches:
             for share in masks:
                 if image_tokens is None:
-                    h, w = editor.latent_hw
-                    image_tokens = (h // 2) * (w // 2)
+                    image_tokens = editor.image_tokens(model.info.resolution)
                 tokens = max(1, min(image_tokens, round(share * image_tokens)))
                 states = []
                 for i in range(batch):
@@ -174,10 +207,11 @@ def measure_compute(editor, batches: list[int], masks: list[float], modes: list[
                 editor.finish(states[0])
                 _sync(device)
                 post.append(time.perf_counter() - t0)
-                flops = batch * request_flops(shape, tokens, mode, kv_attention)
+                flops = (sum(_unet_flops(shape, st) for st in states) if shape.is_unet
+                         else batch * request_flops(shape, tokens, mode, kv_attention))
                 cells.append({"mode": mode, "batch": batch, "tokens": tokens, "flops": flops,
                               "cached_attention_flops": batch * request_cached_flops(shape, tokens, mode, kv_attention),
-                              "flops_joint": batch * request_flops(shape, tokens, mode),
+                              "flops_joint": flops if shape.is_unet else batch * request_flops(shape, tokens, mode),
                               "median_seconds": statistics.median(times), "min_seconds": min(times)})
                 if progress:
                     progress(cells[-1])
@@ -280,7 +314,7 @@ def fit_profile(model, kind: str, compute: dict, store_points: list[dict], copy_
         h2d = None  # the CPU worker reads host memory in place
     shape = compute["shape"]
     details.update({
-        "shape": {k: getattr(shape, k) for k in shape.__dataclass_fields__},
+        "shape": asdict(shape),
         "compute_fit": {"r2": fit.r2, "rmse_seconds": fit.rmse, "max_rel_residual": fit.max_rel_residual,
                         "points": fit.points},
         "compute_fit_v1": {"form": "seconds = a * flops(joint KV attention) + c * requests + b",
@@ -319,7 +353,7 @@ def profile(args, progress=None):
     """Measure and fit; returns the Profile (not yet written)."""
     import torch
 
-    from instgenie.engine.editor import Editor
+    from instgenie.engine.editors import editor_for
     from instgenie.engine.models.loader import load_model, preset_model
     from instgenie.engine.template_cache import TemplateStore
     from instgenie.services.worker.runtime import PRESETS
@@ -334,7 +368,7 @@ def profile(args, progress=None):
     with tempfile.TemporaryDirectory(prefix="instgenie-profile-") as tmp:
         blobs, where = _open_blobs(args, tmp)
         started = time.time()
-        editor = Editor(model, TemplateStore(blobs, prefix=f"profile-templates-{os.getpid()}"))
+        editor = editor_for(model, TemplateStore(blobs, prefix=f"profile-templates-{os.getpid()}"))
         compute = measure_compute(editor, [int(b) for b in _floats(args.batches)], _floats(args.masks),
                                   [m.strip() for m in args.modes.split(",") if m.strip()], args.repeats,
                                   args.warmup, progress)

@@ -45,3 +45,29 @@ def test_profile_measures_fits_and_writes_a_profile_the_scheduler_loads(tmp_path
 def test_profile_of_a_model_that_does_not_load_fails_with_its_reason(tmp_path, capsys):
     assert cli.main(["profile", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "p.json"), *GRID]) == 1
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.slow  # a few seconds: one UNet template, 6 cells of the tiny preset
+def test_a_unet_profile_is_fitted_with_the_unet_flop_count(tmp_path, capsys):
+    from instgenie.engine.flops import unet_step_flops
+    from instgenie.services.scheduler.costmodel import UNET
+
+    out = tmp_path / "unet.json"
+    grid = ["--batches", "1,2", "--masks", "0.1,0.4,1.0", "--repeats", "2", "--warmup", "1",
+            "--transfer-sizes", "0.125,0.5", "--transfer-repeats", "1"]
+    assert cli.main(["profile", "--model", "sd2-inpaint-tiny", "--out", str(out), *grid]) == 0
+    assert "| o | 2 |" in capsys.readouterr().out  # the model's own cache mode, by default
+    prof = Profile.load(out)
+    shape = ModelShape(**prof.details["shape"])
+    assert shape.family == UNET and shape.unet is not None and shape.image_tokens == 16 * 16
+    cells = prof.details["compute_cells"]
+    assert len(cells) == 6 and {c["mode"] for c in cells} == {"o"}
+    assert not any(c["cached_attention_flops"] for c in cells) and prof.compute_d == 0
+    for c in cells:
+        one = c["flops"] / c["batch"]
+        full = shape.branches * unet_step_flops(shape.unet, 256, shape.text_tokens)
+        assert 0 < one <= full and (one == full) == (c["tokens"] == 256)
+        # the scheduler's compact-mask estimate of the same request is within a few % of its exact count
+        assert FittedCostModel(prof).request_flops(shape, c["tokens"]) == pytest.approx(one, rel=0.05)
+    by_tokens = sorted({c["tokens"]: c["flops"] / c["batch"] for c in cells}.items())
+    assert [f for _, f in by_tokens] == sorted(f for _, f in by_tokens)  # more mask, more work
