@@ -172,6 +172,19 @@ def test_the_cost_model_profile_is_mounted_into_the_scheduler_and_loaded(tmp_pat
         "spec"]["volumes"]
 
 
+def test_the_worker_store_read_cap_reaches_the_worker_flag():
+    from instgenie.services.worker.__main__ import parse_args
+
+    default = env_of(container(find(render(), "Deployment", "-worker")))["INSTGENIE_STORE_READ_MBPS"]["value"]
+    capped = env_of(container(find(render(None, "worker.storeReadMBps=250"), "Deployment", "-worker")))
+    assert default == "0"
+    # What the worker makes of the rendered value: its --store-read-mbps default comes from the variable.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INSTGENIE_STORE_READ_MBPS", capped["INSTGENIE_STORE_READ_MBPS"]["value"])
+        assert parse_args([]).store_read_mbps == 250.0
+    assert "storeReadMBps" in render_error(None, "worker.storeReadMBps=-1")
+
+
 def test_metrics_ports_and_the_service_monitor():
     for component in ("gateway", "scheduler", "worker"):  # on by default: every service serves /metrics
         env = env_of(container(find(render(), "Deployment", f"-{component}")))
