@@ -136,11 +136,13 @@ def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     """(output, log-sum-exp) of softmax(q k^T / sqrt(d)) v for (1, heads, L, d) operands, in fp32.
 
     With a small mask the fresh key set is ~100 rows: the flash kernel's per-tile work costs more there than
-    two batched matmuls and one pass of exp over a (heads, L, L) score block that stays in cache.
+    two batched matmuls and one pass of exp over a (heads, L, L) score block that stays in cache. The row sums
+    normalise the (L, d) output rather than the (L, L) weights (`logsumexp` would take a second exp pass).
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(scores.sub_(lse.unsqueeze(-1)).exp_(), v), lse
+    peak = scores.amax(dim=-1, keepdim=True)
+    total = scores.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    return torch.matmul(scores, v).div_(total), peak.add_(total.log_()).squeeze(-1)
 
 
 def split_attention(q: torch.Tensor, k_fresh: torch.Tensor, v_fresh: torch.Tensor, k_cached: torch.Tensor,

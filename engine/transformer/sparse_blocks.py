@@ -76,6 +76,13 @@ def _onednn_ok(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _weight_kind(weight: torch.Tensor) -> str:
+    """How `_fused_linear` keeps a weight: "onednn" (prepacked), "transposed" ((in, out) copy) or "module"."""
+    if weight.device.type != "cpu":
+        return "module"
+    return "onednn" if _onednn_ok(weight) else "transposed"
+
+
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias, kind: str, act: str = "none", approx: str = ""):
     """x @ W^T + b, then `act` ("none" or "gelu" with `approx`), with W as `_fused_linear` keeps it (`kind`)."""
     if kind == "onednn":
@@ -104,8 +111,7 @@ def _fused_linear(owner: torch.nn.Module, names: tuple[str, ...]):
     GPUs the module's layout is what cuBLAS wants ("module"), nothing is copied for a single linear
     (`names == ("",)`). Memoised on the module, rebuilt if a weight is replaced, moved or modified in place.
     """
-    first = owner.get_submodule(names[0])
-    kind = ("onednn" if _onednn_ok(first.weight) else "transposed") if first.weight.device.type == "cpu" else "module"
+    kind = _weight_kind(owner.get_submodule(names[0]).weight)
     attr = f"_instgenie_{kind}_" + "_".join(n.replace(".", "") for n in names)
     cached = owner.__dict__.get(attr)
     layers = cached[4] if cached is not None else [owner.get_submodule(n) for n in names]
@@ -352,16 +358,20 @@ def dual_block(block, j: int, h_img, txt, mod, pack: Packed, full_in):
 def single_block(block, b: int, rows, e, pack: Packed, full_in):
     """One single-stream block on the packed [text | image] rows of every sequence.
 
-    The fused projection's output [q | k | v | mlp] doubles as proj_out's input: once attention has read v,
-    its output goes into v's columns and the MLP activation is applied in place, so proj_out reads
-    [attention | mlp] without the concatenation diffusers does (same values, same matmul).
+    oneDNN weights: Q/K/V in one GEMM, the MLP in another with its GELU as the epilogue (aten's GELU is a slow
+    pass of its own), and proj_out reads their concatenation [attention | mlp], as diffusers builds it. Other
+    kinds: the fused projection's output [q | k | v | mlp] doubles as proj_out's input: once attention has
+    read v, its output goes into v's columns and the MLP activation is applied in place (no concatenation).
     """
     attn = block.attn
     d = attn.head_dim
     hidden = rows.shape[-1]
     shift, scale1, gate = pack.per_row(e).chunk(3, dim=1)
     x = modulated(block.norm.norm, rows, shift, scale1)
-    proj = _project_whole(block, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), x)
+    gelu = isinstance(block.act_mlp, torch.nn.GELU)
+    split_mlp = gelu and _weight_kind(block.proj_mlp.weight) == "onednn"
+    names = ("attn.to_q", "attn.to_k", "attn.to_v") + (() if split_mlp else ("proj_mlp",))
+    proj = _project_whole(block, names, x)
     v = _heads(proj[:, 2 * hidden:3 * hidden], d)
     if pack.mode == "kv":
         q, k = qk_rope(attn.norm_q, attn.norm_k, proj[:, :2 * hidden], pack.f_tok, d)
@@ -374,13 +384,17 @@ def single_block(block, b: int, rows, e, pack: Packed, full_in):
         norm_full = modulated(block.norm.norm, full_in, f_shift, f_scale)
         out = segment_attention(pack.segments(q), *pack.full_kv(attn, norm_full, k_txt, pack.text_rows(v)))
     attn_out = out[0] if pack.one else torch.cat(out)
-    tail = proj[:, 2 * hidden:]  # v's columns, then the MLP's
-    tail[:, :hidden] = attn_out  # v has been read by now
-    mlp = tail[:, hidden:]
-    if isinstance(block.act_mlp, torch.nn.GELU):
-        torch.ops.aten.gelu_(mlp, approximate=block.act_mlp.approximate)
+    if split_mlp:
+        weight, bias, _, kind = _fused_linear(block.proj_mlp, ("",))
+        tail = torch.cat([attn_out, _matmul(x, weight, bias, kind, "gelu", block.act_mlp.approximate)], dim=1)
     else:
-        mlp.copy_(block.act_mlp(mlp))
+        tail = proj[:, 2 * hidden:]  # v's columns, then the MLP's
+        tail[:, :hidden] = attn_out  # v has been read by now
+        mlp = tail[:, hidden:]
+        if gelu:
+            torch.ops.aten.gelu_(mlp, approximate=block.act_mlp.approximate)
+        else:
+            mlp.copy_(block.act_mlp(mlp))
     rows = torch.addcmul(rows, gate, linear(block.proj_out, tail))
     if rows.dtype == torch.float16:
         rows = rows.clip(-65504, 65504)
