@@ -17,7 +17,6 @@ workers are children of that span, so a trace runs gateway -> scheduler -> worke
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from .metrics import SchedulerMetrics
 from .placement import POLICIES, PlacementPolicy, PlacementRequest, PredictedFinish, make_policy, predict_finish
 from .predictions import summarise
 from .registry import Registry, Tracked
+from .requests import check_tokens, fingerprint
 from .templates import TemplateHeat, WarmPlanner
 
 log = logging.getLogger(__name__)
@@ -85,28 +85,6 @@ class Counters:
 def _connect(address: str):
     channel = grpc.aio.insecure_channel(address, options=channel_options())
     return channel, wpb_grpc.WorkerServiceStub(channel)
-
-
-def _check_tokens(masked: int, image: int) -> None:
-    """The cost model's token counts: none negative, no more masked tokens than the template has."""
-    if masked < 0:
-        raise invalid("masked_tokens", f"masked_tokens must be >= 0, got {masked}")
-    if image < 0:
-        raise invalid("image_tokens", f"image_tokens must be the template's token count, or 0 for the model's "
-                      f"default size; got {image}")
-    if image and masked > image:
-        raise invalid("masked_tokens", f"masked_tokens ({masked}) exceeds the template's image_tokens ({image})")
-
-
-def _fingerprint(request: pb.EditRequest) -> bytes:
-    """What makes two edits the same edit: every input, but not how often the caller wants progress or
-    previews (a retry may come from a unary Edit or a StreamEdit and still be the same edit)."""
-    same = pb.EditRequest()
-    same.CopyFrom(request)
-    same.edit.progress_interval_ms = 0
-    same.edit.preview_every_steps = 0
-    same.tenant_max_in_flight = 0
-    return hashlib.sha256(same.SerializeToString(deterministic=True)).digest()
 
 
 def _is_progress(msg) -> bool:
@@ -280,18 +258,18 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
                 raise invalid(name, f"{name} is required")
         if request.steps <= 0:
             raise invalid("steps", "steps must be the template's step count (> 0)")
-        _check_tokens(request.masked_tokens, request.image_tokens)
+        check_tokens(request.masked_tokens, request.image_tokens)
         key = (request.tenant, e.request_id)
-        fingerprint = _fingerprint(request)
+        digest = fingerprint(request)
         flight = self.flights.get(key)
-        if flight is not None and flight.fingerprint != fingerprint:
+        if flight is not None and flight.fingerprint != digest:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request id {e.request_id!r} was already used for "
                                "a different edit; use a new request id", reason="REQUEST_ID_REUSED",
                                field="request_id")
         if flight is None:
             self._admit()
             self._admit_tenant(request.tenant, request.tenant_max_in_flight)
-            flight = Flight(key, fingerprint, is_progress=_is_progress)
+            flight = Flight(key, digest, is_progress=_is_progress)
             flight.trace_context = otel_context.get_current()
             remaining = context.time_remaining()
             deadline = time.monotonic() + (remaining if remaining is not None else self.config.default_deadline)
@@ -462,7 +440,7 @@ class SchedulerService(pb_grpc.SchedulerServiceServicer):
         request_id_var.set(r.template_id or "-")
         if not r.template_id or not request.model:
             raise invalid("registration.template_id", "registration.template_id and model are required")
-        _check_tokens(0, request.image_tokens)
+        check_tokens(0, request.image_tokens)
         self._admit()
         flight = Flight(("registration", r.template_id), b"", kind="registration",
                         is_progress=lambda m: m.WhichOneof("event") == "worker_event"
