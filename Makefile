@@ -113,10 +113,10 @@ profile: install
 	$(BIN)/python -m loadtest.profile_local --model digits --out loadtest/profiles/digits-16px@cpu.json
 	$(BIN)/python -m loadtest.profile_local --model flux-small --out loadtest/profiles/flux-small-seed0@cpu.json
 
-## bench-balance: placement policies over the real mesh (2 CPU workers, object-store reads at production weight), Poisson traces at 5 loads (about 25 min)
+## bench-balance: placement policies over the real mesh (2 CPU workers, object-store reads at production weight), Poisson traces at 50-90 % load (about 25 min)
 bench-balance: install
 	$(BIN)/python -m loadtest.balance_bench --profile loadtest/profiles/digits-16px@cpu.json \
-		--store-mbps 40 --loads 0.4,0.5,0.6,0.7,0.8 \
+		--store-mbps 40 --loads 0.5,0.6,0.7,0.8,0.9 \
 		--json out/balance/balance.json --md out/balance/balance.md --plots out/balance
 
 ## simulate: the scheduler's placement code driving 8, 32 and 128 simulated workers (about 6 min)
