@@ -9,6 +9,8 @@ Every operation is the one diffusers' FluxTransformer2DModel performs, on fewer 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -71,16 +73,17 @@ def _rms(norm, x):
 ONEDNN_LINEAR = True
 
 
-def _onednn_ok(weight: torch.Tensor) -> bool:
-    return (ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+@functools.lru_cache(maxsize=None)
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _weight_kind(weight: torch.Tensor) -> str:
     """How `_fused_linear` keeps a weight: "onednn" (prepacked), "transposed" ((in, out) copy) or "module"."""
     if weight.device.type != "cpu":
         return "module"
-    return "onednn" if _onednn_ok(weight) else "transposed"
+    onednn = ONEDNN_LINEAR and weight.dtype == torch.float32 and _onednn_available()
+    return "onednn" if onednn else "transposed"
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, bias, kind: str, act: str = "none", approx: str = ""):
@@ -111,12 +114,16 @@ def _fused_linear(owner: torch.nn.Module, names: tuple[str, ...]):
     GPUs the module's layout is what cuBLAS wants ("module"), nothing is copied for a single linear
     (`names == ("",)`). Memoised on the module, rebuilt if a weight is replaced, moved or modified in place.
     """
-    kind = _weight_kind(owner.get_submodule(names[0]).weight)
-    attr = f"_instgenie_{kind}_" + "_".join(n.replace(".", "") for n in names)
-    cached = owner.__dict__.get(attr)
-    layers = cached[4] if cached is not None else [owner.get_submodule(n) for n in names]
-    stamp = tuple((l.weight.data_ptr(), l.weight._version, None if l.bias is None else l.bias.data_ptr(),
-                   None if l.bias is None else l.bias._version) for l in layers)
+    memo = owner.__dict__.get("_instgenie_weights")
+    if memo is None:
+        memo = owner.__dict__["_instgenie_weights"] = {}
+    layers = memo.get(names)
+    if layers is None:
+        layers = memo[names] = [owner.get_submodule(n) for n in names]
+    kind = _weight_kind(layers[0].weight)
+    cached = memo.get((kind, names))
+    # per call, so kept cheap: a plain tuple of each weight's and bias's identity and version
+    stamp = tuple(v for l in layers for t in (l.weight, l.bias) if t is not None for v in (t.data_ptr(), t._version))
     if cached is None or cached[0] != stamp:
         if len(layers) == 1:
             weight, bias = layers[0].weight, layers[0].bias
@@ -128,9 +135,8 @@ def _fused_linear(owner: torch.nn.Module, names: tuple[str, ...]):
             bias = None if bias is None else bias.detach()
         elif kind == "transposed":
             weight = weight.t().contiguous()
-        cached = (stamp, weight, bias, [l.weight.shape[0] for l in layers], layers, kind)
-        owner.__dict__[attr] = cached
-    return cached[1], cached[2], cached[3], cached[5]
+        cached = memo[(kind, names)] = (stamp, weight, bias, [l.weight.shape[0] for l in layers], kind)
+    return cached[1], cached[2], cached[3], cached[4]
 
 
 def linear(layer, x):
