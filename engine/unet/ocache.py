@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import ModelLoadError
+
 
 def o_name(block: int) -> str:
     """Shard key of block `block`'s self-attention output: (G, L, C) with L the tokens of its level."""
@@ -147,8 +149,6 @@ def _masked_query_attention(cap: OCapture, block: int, attn, hidden_states: torc
     Linear layers run once over all sequences (K/V over every token, Q and the out-projection over the
     concatenated masked rows); attention runs per sequence, each against its own keys.
     """
-    if attn.group_norm is not None or attn.spatial_norm is not None or attn.residual_connection:
-        raise NotImplementedError("O-caching expects a plain self-attention (no group/spatial norm, no residual)")
     seqs, length, _ = hidden_states.shape
     keep = cap.keep[length]
     index = [keep[s].nonzero().flatten() for s in range(seqs)]
@@ -177,9 +177,19 @@ def _masked_query_attention(cap: OCapture, block: int, attn, hidden_states: torc
 
 
 def instrument_unet(unet) -> None:
-    """Install the per-thread O-cache taps on every attn1 (idempotent; before the UNet is shared)."""
+    """Install the per-thread O-cache taps on every attn1 (idempotent; before the UNet is shared).
+
+    The masked-query path reproduces a plain self-attention only; diffusers' BasicTransformerBlock builds its
+    attn1 without group norm, spatial norm or a residual, so a UNet with them is refused here, once, at load
+    time, rather than checked on every call."""
+    blocks = self_attention_blocks(unet)
+    for b, block in enumerate(blocks):
+        attn = block.attn1
+        if attn.group_norm is not None or attn.spatial_norm is not None or attn.residual_connection:
+            raise ModelLoadError(f"self-attention block {b} of this UNet has a group norm, spatial norm or "
+                                 "residual connection; O-caching supports plain self-attention only")
     with _install_lock:
-        for b, block in enumerate(self_attention_blocks(unet)):
+        for b, block in enumerate(blocks):
             proc = block.attn1.processor
             if not (isinstance(proc, OCacheProcessor) and proc.unet is unet):
                 block.attn1.set_processor(OCacheProcessor(proc, b, unet))

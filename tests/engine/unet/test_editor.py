@@ -103,3 +103,19 @@ def test_a_checkpoint_directory_loads_as_the_unet_family(unet_model, model_root,
     shutil.copytree(model_root / "sd2-inpaint-tiny-seed0", dst, ignore=shutil.ignore_patterns("instgenie_model.json"))
     model = load_model(dst)
     assert model.is_unet and model.info.default_steps == 50 and model.info.resolution == (512, 512)
+
+
+def test_a_unet_whose_self_attention_is_not_plain_is_refused_at_instrumentation(unet_model):
+    import copy
+
+    from instgenie.engine.errors import ModelLoadError
+    from instgenie.engine.unet.ocache import OCacheProcessor, instrument_unet
+
+    unet = copy.deepcopy(unet_model.transformer)
+    for block in self_attention_blocks(unet):
+        block.attn1.set_processor(getattr(block.attn1.processor, "original", block.attn1.processor))
+    self_attention_blocks(unet)[3].attn1.residual_connection = True
+    with pytest.raises(ModelLoadError, match="block 3"):
+        instrument_unet(unet)
+    # Refused before anything was installed: no block half-instrumented.
+    assert not any(isinstance(b.attn1.processor, OCacheProcessor) for b in self_attention_blocks(unet))
