@@ -20,6 +20,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
+from ..processors import WrappingProcessor
 from .cache_view import BlockCache, tensor_name
 
 
@@ -91,32 +92,15 @@ def _capture_for(transformer) -> _Capture | None:
     return cap if cap is not None and cap.owner is transformer else None
 
 
-class _DispatchingAttnProcessor:
+class _DispatchingAttnProcessor(WrappingProcessor):
     """Installed on every block once; the block's own processor unless this thread's dense forward taps KV."""
 
-    _own = ("original", "block", "transformer")
-
-    def __init__(self, original, block: int, transformer):
-        object.__setattr__(self, "original", original)
-        object.__setattr__(self, "block", block)
-        object.__setattr__(self, "transformer", transformer)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        cap = _capture_for(self.transformer)
+        cap = _capture_for(self.owner)
         if cap is None or cap.mode != "kv":
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         return _recording_attention(cap, self.block, attn, hidden_states, encoder_hidden_states, attention_mask,
                                     image_rotary_emb)
-
-    # diffusers configures processors by attribute (e.g. the attention backend): those belong to the original
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "original"), name)
-
-    def __setattr__(self, name, value):
-        if name in self._own:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.original, name, value)
 
 
 def _y_hook(transformer, block: int):
@@ -149,7 +133,7 @@ def instrument(transformer) -> None:
         hooked = transformer.__dict__.setdefault("_instgenie_y_hooked", set())
         for i, blk in enumerate(blocks):
             proc = blk.attn.processor
-            if not (isinstance(proc, _DispatchingAttnProcessor) and proc.transformer is transformer):
+            if not (isinstance(proc, _DispatchingAttnProcessor) and proc.owner is transformer):
                 blk.attn.set_processor(_DispatchingAttnProcessor(proc, i, transformer))
             if i not in hooked:
                 blk.register_forward_hook(_y_hook(transformer, i))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelLoadError
+from ..processors import WrappingProcessor
 
 
 def o_name(block: int) -> str:
@@ -105,18 +106,11 @@ def _capture_for(unet) -> OCapture | None:
     return cap if cap is not None and cap.owner is unet else None
 
 
-class OCacheProcessor:
+class OCacheProcessor(WrappingProcessor):
     """Installed on every `attn1` once; the original processor unless this thread's forward records or edits."""
 
-    _own = ("original", "block", "unet")
-
-    def __init__(self, original, block: int, unet):
-        object.__setattr__(self, "original", original)
-        object.__setattr__(self, "block", block)
-        object.__setattr__(self, "unet", unet)
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        cap = _capture_for(self.unet)
+        cap = _capture_for(self.owner)
         if cap is None or (cap.caches is not None and cap.sparse):
             if cap is None:
                 return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
@@ -131,16 +125,6 @@ class OCacheProcessor:
                 stale = ~keep[s]
                 out[s][stale] = cap.cached(s, self.block)[stale].to(out.dtype)
         return out
-
-    # diffusers configures processors by attribute: those belong to the original
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "original"), name)
-
-    def __setattr__(self, name, value):
-        if name in self._own:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.original, name, value)
 
 
 def _masked_query_attention(cap: OCapture, block: int, attn, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -191,7 +175,7 @@ def instrument_unet(unet) -> None:
     with _install_lock:
         for b, block in enumerate(blocks):
             proc = block.attn1.processor
-            if not (isinstance(proc, OCacheProcessor) and proc.unet is unet):
+            if not (isinstance(proc, OCacheProcessor) and proc.owner is unet):
                 block.attn1.set_processor(OCacheProcessor(proc, b, unet))
 
 
