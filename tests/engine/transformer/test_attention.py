@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from instgenie.engine.transformer import attention
 from instgenie.engine.transformer.attention import (
-    available_backends, lse_split_available, segment_attention, split_attention, stale_mask, varlen_backend,
+    available_backends, joint_attention, lse_split_available, segment_attention, split_attention, stale_mask,
+    use_joint, varlen_backend,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -22,8 +24,15 @@ def _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked):
     return out[0].transpose(0, 1).flatten(1)
 
 
+@pytest.fixture(params=["joint", "lse-merge"])
+def split_path(request, monkeypatch):
+    """Run a test through each CPU fp32 path of `split_attention`: joint scores, or flash + log-sum-exp merge."""
+    monkeypatch.setattr(attention, "JOINT_QUERIES", 10**9 if request.param == "joint" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("masked_count", [1, 37, 255, 256])
-def test_split_attention_equals_attention_over_the_union(masked_count):
+def test_split_attention_equals_attention_over_the_union(masked_count, split_path):
     assert lse_split_available(torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(masked_count)
     heads, n, d, t = 4, 256, 32, 7
@@ -41,7 +50,7 @@ def test_split_attention_equals_attention_over_the_union(masked_count):
     assert (out.double() - expected).abs().max().item() < 1e-5
 
 
-def test_stale_rows_never_leak_into_the_split():
+def test_stale_rows_never_leak_into_the_split(split_path):
     """A huge value in a stale cached row would dominate if the mask let it through."""
     heads, n, d = 2, 16, 8
     q = torch.randn(5, heads, d)
@@ -54,6 +63,35 @@ def test_stale_rows_never_leak_into_the_split():
     assert out.abs().max().item() < 100
     expected = _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked)
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def _operands(g, length, heads, n, d, masked):
+    q, k_fresh, v_fresh = (torch.randn(length, heads, d, generator=g) for _ in range(3))
+    k_cached, v_cached = torch.randn(heads, n, d, generator=g) * 2, torch.randn(heads, n, d, generator=g)
+    return q, k_fresh, v_fresh, k_cached, v_cached, stale_mask(n, masked, torch.float32, q.device)
+
+
+def test_joint_attention_reuses_its_score_block_across_shapes():
+    """The per-thread score block is reused: a smaller call after a larger one, then a larger one again, each
+    against float64 attention over the union (a stale view of the old shape would show up here)."""
+    g = torch.Generator().manual_seed(5)
+    for length, heads, n, d in [(40, 4, 200, 32), (9, 2, 64, 16), (60, 4, 300, 32), (9, 2, 64, 16)]:
+        masked = torch.randperm(n, generator=g)[:length - 3].sort().values
+        ops = _operands(g, length, heads, n, d, masked)
+        out = joint_attention(*ops)
+        assert out.shape == (length, heads * d)
+        assert (out.double() - _reference(*ops[:5], masked)).abs().max().item() < 1e-5
+
+
+def test_joint_path_is_chosen_only_where_it_applies():
+    q = torch.randn(10, 2, 8)
+    mask = stale_mask(16, torch.tensor([1, 2]), torch.float32, q.device)
+    assert use_joint(q, mask)
+    assert not use_joint(q, None)  # every cached row stale: the fresh rows alone
+    assert not use_joint(q.bfloat16(), mask)  # half precision keeps the flash kernel's fp32 accumulation
+    assert not use_joint(torch.randn(attention.JOINT_QUERIES + 1, 2, 8), mask)  # 64-row flash tiles from there
+    with torch.enable_grad():  # out= into the score block would raise under autograd
+        assert not use_joint(q.clone().requires_grad_(), mask)
 
 
 def test_cpu_selects_the_segment_loop_and_refuses_unknown_backends():
