@@ -11,18 +11,27 @@ its rows with one `cat` and each block slices a view. Scale chunks are stored as
 the forward multiplies by; the dense forward computes the same `1 + scale`, so results are unchanged bit for
 bit. Rows are keyed by a caller-given key per sequence (see `PackedStep.cond_keys`) together with a stamp of
 the modulation weights, so a replaced or modified weight never serves a stale row.
+
+Look-ahead: a request's schedule fixes its conditioning at every later step too, so on a miss the rows of its
+next steps (`PackedStep.cond_ahead`) are computed in the same GEMMs, reading each weight once for up to
+`AHEAD_STEPS` + 1 rows instead of once per step. A lone request (the batch-1 case, no other request sharing its
+prompt) then pays one weight pass per `AHEAD_STEPS` + 1 steps instead of one per step. Rows computed in a
+larger GEMM may round differently in the last bit from a one-row GEMM; they are the same linear of the same
+temb.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 #: default byte budget of one transformer's modulation LRU (FLUX.1 in bf16: about 2.1 MB per prompt and step)
 DEFAULT_BUDGET_BYTES = 256 * 1024 * 1024
+#: on a miss, rows of at most this many next steps of the sequence are computed with it (see module docstring)
+AHEAD_STEPS = 63
 
 
 def _layout(tr) -> list[tuple[torch.nn.Linear, int, tuple[int, ...]]]:
@@ -73,8 +82,20 @@ class ModulationCache:
             parts.append(emb)
         return torch.cat(parts, dim=1)
 
-    def rows(self, temb_fn, keys: Sequence[Hashable] | None) -> torch.Tensor:
-        """(S, total) rows; `temb_fn(positions)` gives temb of the listed sequences for the ones not cached."""
+    def ahead_count(self, wanted: int, missing: int, row_bytes: int) -> int:
+        """How many next-step rows to compute with each of `missing` sequences: at most `AHEAD_STEPS`, and all
+        rows of one call within a quarter of the budget, so look-ahead rows are not evicted before their step."""
+        fit = self.budget_bytes // (4 * max(1, missing) * max(1, row_bytes)) - 1
+        return max(0, min(wanted, AHEAD_STEPS, fit))
+
+    def rows(self, temb_fn, keys: Sequence[Hashable] | None,
+             ahead: Sequence[Sequence[Hashable]] | None = None,
+             ahead_temb: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+        """(S, total) rows; `temb_fn(positions)` gives temb of the listed sequences for the ones not cached.
+
+        ahead: per sequence, the keys of its next steps; `ahead_temb(sequence, count)` their temb (count, hidden).
+        A missing sequence's next rows are computed and kept with it (see the module docstring).
+        """
         if keys is None:
             return self.compute(temb_fn(None))
         stamp = self.stamp()
@@ -88,13 +109,31 @@ class ModulationCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            fresh = self.compute(temb_fn(missing))
+            temb = temb_fn(missing)
+            later: list[tuple[Hashable, int]] = []  # (full key, row in `fresh`) of the look-ahead rows
+            if ahead is not None and ahead_temb is not None:
+                row_bytes = self.offsets[-1] * self.layout[0][0].weight.element_size()
+                parts = [temb]
+                for i in missing:
+                    count = self.ahead_count(len(ahead[i]), len(missing), row_bytes)
+                    if count:
+                        parts.append(ahead_temb(i, count))
+                        start = len(missing) + len(later)
+                        later += [((stamp, k), start + j) for j, k in enumerate(ahead[i][:count])]
+                temb = torch.cat(parts) if len(parts) > 1 else temb
+            fresh = self.compute(temb)
             with self._lock:
                 for j, i in enumerate(missing):
-                    row = fresh[j:j + 1]
+                    # with look-ahead rows each kept row gets its own storage: a view would pin all of `fresh`
+                    row = fresh[j:j + 1].clone() if later else fresh[j:j + 1]
                     found[i] = row
                     if full[i] not in self._rows:
                         self._rows[full[i]] = row
+                        self._bytes += row.nbytes
+                for key, j in later:
+                    if key not in self._rows:
+                        row = fresh[j:j + 1].clone()
+                        self._rows[key] = row
                         self._bytes += row.nbytes
                 while self._bytes > self.budget_bytes and self._rows:
                     _, old = self._rows.popitem(last=False)

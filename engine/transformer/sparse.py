@@ -48,6 +48,9 @@ class PackedStep:
     #: per sequence, a key that determines its (pooled prompt, timestep, guidance) exactly: sequences with equal
     #: keys share AdaLN modulation rows across calls (modulation.py). None = compute them every call.
     cond_keys: list[Hashable] | None = None
+    #: per sequence, (cond keys of its next steps, their timesteps (K,) on the scale of `timestep`): when its
+    #: rows are computed, those of the next steps are computed with them (modulation.py, look-ahead)
+    cond_ahead: list[tuple[list[Hashable], torch.Tensor]] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -62,6 +65,8 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
         raise ValueError(f"unknown cache mode {step.mode!r}; expected 'kv' or 'y'")
     if step.cond_keys is not None and len(step.cond_keys) != step.num_sequences:
         raise ValueError(f"{len(step.cond_keys)} cond_keys for {step.num_sequences} sequences")
+    if step.cond_ahead is not None and len(step.cond_ahead) != step.num_sequences:
+        raise ValueError(f"{len(step.cond_ahead)} cond_ahead entries for {step.num_sequences} sequences")
     device, dtype = step.x.device, step.x.dtype
     num_dual = len(tr.transformer_blocks)
     num_blocks = num_dual + len(tr.single_transformer_blocks)
@@ -76,7 +81,10 @@ def sparse_forward(transformer, step: PackedStep) -> torch.Tensor:
     h_img = linear(tr.x_embedder, step.x)
     txt = linear(tr.context_embedder, step.prompt_embeds)
     cache = modulation_cache(tr)
-    mod = Modulation(cache, cache.rows(lambda rows: _temb(tr, step, dtype, rows), step.cond_keys))
+    ahead = None if step.cond_ahead is None else [keys for keys, _ in step.cond_ahead]
+    rows = cache.rows(lambda rows: _temb(tr, step, dtype, rows), step.cond_keys, ahead,
+                      lambda s, count: _temb_ahead(tr, step, dtype, s, count))
+    mod = Modulation(cache, rows)
     if step.mode == "kv" and lse_split_available(device, dtype):
         n_img = step.img_ids.shape[0]
         pack.stale = [stale_mask(n_img, idx, dtype, device) for idx in step.token_index]
@@ -127,6 +135,18 @@ def _temb(tr, step: PackedStep, dtype: torch.dtype, rows: list[int] | None) -> t
     timestep = timestep.to(dtype) * 1000
     if guidance is not None:
         return tr.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
+    return tr.time_text_embed(timestep, pooled)
+
+
+def _temb_ahead(tr, step: PackedStep, dtype: torch.dtype, s: int, count: int) -> torch.Tensor:
+    """Conditioning vectors (count, hidden) of sequence s at its next `count` steps (`cond_ahead`)."""
+    keys, timesteps = step.cond_ahead[s]
+    if len(timesteps) < count or len(keys) != len(timesteps):
+        raise ValueError(f"cond_ahead of sequence {s}: {len(keys)} keys, {len(timesteps)} timesteps")
+    timestep = timesteps[:count].to(step.timestep.device, dtype) * 1000
+    pooled = step.pooled[s:s + 1].expand(count, -1)
+    if step.guidance is not None:
+        return tr.time_text_embed(timestep, step.guidance[s:s + 1].to(dtype).expand(count) * 1000, pooled)
     return tr.time_text_embed(timestep, pooled)
 
 

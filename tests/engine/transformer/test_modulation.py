@@ -75,6 +75,60 @@ def test_lru_is_bounded_by_bytes_and_mixes_hits_with_misses(small_model):
     assert (rows - expected).abs().max().item() < 1e-6
 
 
+def test_a_miss_computes_the_next_steps_rows_in_the_same_pass(small_model):
+    tr = small_model.transformer
+    cache = ModulationCache(tr)
+    temb = torch.randn(4, tr.inner_dim, generator=torch.Generator().manual_seed(3))  # steps 0..3 of one request
+    asked = []
+
+    def ahead_temb(s, count):
+        asked.append((s, count))
+        return temb[1:1 + count]
+
+    first = cache.rows(lambda rows: temb[:1], [("p", 0)], [[("p", 1), ("p", 2), ("p", 3)]], ahead_temb)
+    assert asked == [(0, 3)] and (cache.misses, len(cache)) == (1, 4)
+    for step in (1, 2, 3):  # every later step is a hit, and its row is the one its own temb gives
+        row = cache.rows(lambda rows: pytest.fail("a look-ahead row was computed again"), [("p", step)])
+        assert (row - cache.compute(temb[step:step + 1])).abs().max().item() < 1e-6
+    assert (cache.hits, cache.misses) == (3, 1)
+    assert (first - cache.compute(temb[:1])).abs().max().item() < 1e-6
+
+
+def test_look_ahead_is_bounded_by_the_budget_and_the_cap(small_model, monkeypatch):
+    from instgenie.engine.transformer import modulation
+
+    tr = small_model.transformer
+    row_bytes = ModulationCache(tr).compute(torch.randn(1, tr.inner_dim)).nbytes
+    cache = ModulationCache(tr, budget_bytes=4 * 3 * row_bytes)  # a quarter of it: three rows per call
+    assert cache.ahead_count(50, 1, row_bytes) == 2 and cache.ahead_count(50, 3, row_bytes) == 0
+    assert cache.ahead_count(1, 1, row_bytes) == 1  # never more than the steps left
+    monkeypatch.setattr(modulation, "AHEAD_STEPS", 1)
+    assert ModulationCache(tr).ahead_count(50, 1, row_bytes) == 1
+
+
+def test_sparse_forward_serves_the_next_step_from_rows_computed_ahead(small_model, step):
+    tr = small_model.transformer
+    cache = modulation_cache(tr)
+    cache.clear()
+    packed = step.packed()
+    n = step.index.__len__()
+    schedule = torch.tensor([0.5, 0.4, 0.3])  # the synthetic step is at 0.5; two more steps follow
+    packed.cond_keys = [("ahead", s, 0) for s in range(n)]
+    packed.cond_ahead = [([("ahead", s, 1), ("ahead", s, 2)], schedule[1:]) for s in range(n)]
+    sparse_forward(tr, packed)
+    misses = cache.misses
+    later = step.packed()
+    later.timestep = torch.full((n,), 0.4)
+    expected = sparse_forward(tr, later)  # no keys: rows computed in this call
+    later.cond_keys = [("ahead", s, 1) for s in range(n)]
+    got = sparse_forward(tr, later)
+    assert cache.misses == misses  # every sequence's step-1 rows were there
+    assert (got - expected).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="cond_ahead"):
+        later.cond_ahead = packed.cond_ahead[:1]
+        sparse_forward(tr, later)
+
+
 def test_cond_keys_must_match_the_sequences(small_model, step):
     packed = step.packed()
     packed.cond_keys = ["only one"]
@@ -98,3 +152,18 @@ def test_request_digest_follows_prompt_schedule_and_guidance():
     assert cond_digest(_state(pooled, torch.linspace(1000, 100, 5), torch.tensor([3.5])))[0] != base[0]
     assert cond_digest(_state(pooled, steps, torch.tensor([4.0])))[0] != base[0]
     assert cond_digest(_state(pooled, steps))[0] != base[0]
+
+
+def test_an_edit_computes_its_rows_once_and_every_later_step_hits(tiny_editor):
+    """The engine passes each request's remaining schedule: one miss per guidance branch, at the first step."""
+    from tests.engine.helpers import masks_for, random_image
+
+    res = tiny_editor.model.info.resolution
+    manifest = tiny_editor.register_template(random_image(res), "a red cat", mode="kv", seed=11)
+    cache = modulation_cache(tiny_editor.model.transformer)
+    hits, misses = cache.hits, cache.misses
+    tiny_editor.edit(manifest.template_id, masks_for(res)["unaligned"], "a prompt seen once", seed=4)
+    new_misses, new_hits = cache.misses - misses, cache.hits - hits
+    steps = tiny_editor.model.info.default_steps
+    assert steps >= 3 and 1 <= new_misses <= 2  # one miss per guidance branch
+    assert new_hits + new_misses == steps * new_misses  # every later step of every branch hits
