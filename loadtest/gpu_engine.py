@@ -5,7 +5,8 @@ on every token; KV and Y run the packed sparse forward on round(ratio * N) rando
 template cache recorded once (every sequence of the batch reads the same template: the cache's size, not its
 content, sets the cost). Variants are interleaved round-robin and timed with the device synchronised; cells
 report the median. Achieved TFLOP/s = analytical FLOPs (engine/flops.py) / time. The modulation rows are
-shared across calls (as for requests at the same step with the same prompt); `*_cold` columns recompute them.
+shared across calls: what a request pays at every step but its first, since a miss computes the rows of its
+next steps too (transformer/modulation.py, look-ahead); `*_cold` columns recompute them every call.
 """
 from __future__ import annotations
 
