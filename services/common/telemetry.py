@@ -58,6 +58,8 @@ HISTOGRAM_BUCKETS = {
 #: the gRPC calls that are never traced: probes and the workers' periodic load reports
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 UNTRACED_METHODS = ("ReportLoad", "RegisterWorker", "DeregisterWorker", "GetClusterStatus", "ListModels")
+#: HTTP URLs without spans (regular expressions searched in the URL): probes and the web page's static files
+UNTRACED_HTTP = r"/healthz$,/readyz$,/web/"
 
 METER_NAME = "instgenie"
 
@@ -95,6 +97,17 @@ class Telemetry:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
         return [aio_server_interceptor(filter_=_traced_filter())]
+
+    def wrap_asgi(self, app, span_details=None):
+        """`app` with one OpenTelemetry server span per HTTP request (the parent of the gRPC calls it makes), or
+        `app` itself when tracing is off. `span_details(scope) -> (name, attributes)` names the spans; probes
+        and static files (UNTRACED_HTTP) get none, and neither do the per-message receive/send steps."""
+        if not self.tracing:
+            return app
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        return OpenTelemetryMiddleware(app, excluded_urls=UNTRACED_HTTP, default_span_details=span_details,
+                                       exclude_spans=["receive", "send"])
 
     def ready_info(self) -> dict:
         """What the process's ready file says about telemetry."""

@@ -77,10 +77,11 @@ async def serve(args: argparse.Namespace) -> None:
     host.add_service(pb_grpc.add_EditServiceServicer_to_server, service, SERVICE_NAME)
     http = None
     if args.http_listen:
-        from .http.app import build_app
+        from .http.app import build_app, route_span_details
         from .http.server import HttpFront
 
         app = build_app(service, ready=lambda: host.serving, result_ttl=args.result_url_ttl)
+        app = telemetry.wrap_asgi(app, span_details=route_span_details(app))
         http = HttpFront(app, args.http_listen, grace_seconds=min(args.grace_seconds, 5.0))
         host.http_address = await http.start()  # before the ready file is first written
     host.install_signal_handlers()

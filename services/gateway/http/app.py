@@ -49,6 +49,22 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def route_span_details(app: Starlette):
+    """Span names for the tracing middleware: "METHOD /route/{template}", one per route whatever its ids, and
+    "METHOD unmatched" for unknown URLs (a name per raw path would grow without bound)."""
+    from starlette.routing import Match
+
+    def details(scope) -> tuple[str, dict]:
+        method = scope.get("method", "HTTP")
+        for route in app.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return f"{method} {route.path}", {"http.route": route.path}
+        return f"{method} unmatched", {}
+
+    return details
+
+
 def build_app(service: GatewayService, *, ready: Callable[[], bool], result_ttl: float = 3600.0) -> Starlette:
     bridge = Bridge(service)
     results = ResultLinks(service.records.store, ttl_seconds=result_ttl)

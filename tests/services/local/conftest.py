@@ -44,10 +44,10 @@ def otlp_sink():
 
 @pytest.fixture(scope="session")
 def observed_mesh(tmp_path_factory, otlp_sink):
-    """Scheduler, two workers and the gateway with /metrics each, exporting spans every 100 ms."""
+    """Scheduler, two workers and the gateway (gRPC and HTTP) with /metrics each, exporting spans every 100 ms."""
     from tests.services.mesh_helpers import start_mesh
 
     mesh = start_mesh(tmp_path_factory.mktemp("observed"), otlp_endpoint=otlp_sink.endpoint,
-                      env={"OTEL_BSP_SCHEDULE_DELAY": "100"}, http_port=None)
+                      env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
     yield mesh
     mesh.stop()

@@ -73,3 +73,45 @@ def test_one_edit_is_one_trace_across_the_three_services_with_per_step_events(ob
     assert {e.name for e in flight.events} >= {"placed", "worker.started"}
     # Health checks and load reports are never traced.
     assert not [s.name for _, s in otlp_sink.snapshot() if "Health" in s.name or "ReportLoad" in s.name]
+
+
+def test_an_http_edit_is_one_trace_rooted_at_the_http_server_span(observed_mesh, otlp_sink):
+    """The HTTP front opens a server span per request, named by route; the gRPC calls it makes hang under it."""
+    from tests.services.gateway.http.helpers import call, openai_mask, right_half
+
+    with channel(observed_mesh) as ch:
+        template = create_template(stub(ch))
+    base = observed_mesh.http_url
+    status, _, body = call(base, "POST", "/v1/images/edits", fields={
+        "template_id": template, "mask": ("mask.png", openai_mask(right_half())), "prompt": "8", "seed": "2"})
+    assert status == 200, body
+    assert call(base, "GET", "/healthz")[0] == 200
+    assert call(base, "GET", f"/v1/templates/{template}")[0] == 200
+    assert call(base, "GET", "/v1/nowhere/12345")[0] == 404
+
+    def traced():
+        spans = otlp_sink.snapshot()
+        roots = [s for svc, s in spans if svc == "instgenie-gateway" and s.name == "POST /v1/images/edits"]
+        if len(roots) != 1:
+            return None
+        trace = [(svc, s) for svc, s in spans if s.trace_id == roots[0].trace_id]
+        ids = {s.span_id for _, s in trace}
+        whole = sum(1 for _, s in trace if s.parent_span_id not in ids) == 1
+        return trace if {svc for svc, _ in trace} == SERVICES and whole else None
+
+    assert wait_for(lambda: traced() is not None, timeout=30), \
+        f"no complete HTTP trace: {[(svc, s.name) for svc, s in otlp_sink.snapshot()][-20:]}"
+    trace = traced()
+    ids = {s.span_id for _, s in trace}
+    roots = [(svc, s.name) for svc, s in trace if s.parent_span_id not in ids]
+    assert roots == [("instgenie-gateway", "POST /v1/images/edits")], roots
+    names = {(svc, s.name) for svc, s in trace}
+    assert ("instgenie-scheduler", "scheduler.flight") in names
+    assert ("instgenie-worker", "/instgenie.worker.v1.WorkerService/Edit") in names
+    root = next(s for _, s in trace if s.parent_span_id not in ids)
+    assert attribute(root, "http.route") == "/v1/images/edits"
+    # One name per route whatever the ids in the URL; unknown URLs share one name; probes have no span.
+    assert wait_for(lambda: {"GET /v1/templates/{template_id}", "GET unmatched"} <= {
+        s.name for svc, s in otlp_sink.snapshot() if svc == "instgenie-gateway"}, timeout=30)
+    gateway = {s.name for svc, s in otlp_sink.snapshot() if svc == "instgenie-gateway"}
+    assert not [n for n in gateway if "healthz" in n or "12345" in n or template in n], gateway
