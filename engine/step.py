@@ -129,7 +129,7 @@ def _predict(transformer, states: list[RequestState], shards: dict, use_cache, p
             x_full=torch.cat([inputs[id(s)] for s, _ in seqs]) if mode == "y" else None,
             cond_keys=[(cond_digest(s)[g], s.step_index) for s, g in seqs],
             cond_ahead=[([(cond_digest(s)[g], j) for j in range(s.step_index + 1, s.total_steps)],
-                         s.timesteps[s.step_index + 1:].to(dtype) / 1000) for s, g in seqs],
+                         s.timesteps[s.step_index + 1:]) for s, g in seqs],
         )
         try:
             packed = sparse_forward(transformer, step)

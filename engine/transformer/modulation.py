@@ -14,10 +14,12 @@ the modulation weights, so a replaced or modified weight never serves a stale ro
 
 Look-ahead: a request's schedule fixes its conditioning at every later step too, so on a miss the rows of its
 next steps (`PackedStep.cond_ahead`) are computed in the same GEMMs, reading each weight once for up to
-`AHEAD_STEPS` + 1 rows instead of once per step. A lone request (the batch-1 case, no other request sharing its
-prompt) then pays one weight pass per `AHEAD_STEPS` + 1 steps instead of one per step. Rows computed in a
-larger GEMM may round differently in the last bit from a one-row GEMM; they are the same linear of the same
-temb.
+`AHEAD_STEPS` + 1 rows instead of once per step. How far ahead is bounded by the budget (`ahead_count`): the
+batch's sequences must fit their rows in half of it. With the default 256 MB: 63 steps for flux-wide (78 KB
+rows) at any batch up to 26 sequences; for FLUX.1 in bf16 (2.1 MB rows) 62 / 30 / 14 / 6 steps at 1 / 2 / 4 / 8
+sequences. A lone request (no other request sharing its prompt) then computes its rows once per that many
+steps instead of at every step. Rows computed in a larger GEMM may round differently in the last bit from a
+one-row GEMM; they are the same linear of the same temb.
 """
 from __future__ import annotations
 
@@ -82,10 +84,12 @@ class ModulationCache:
             parts.append(emb)
         return torch.cat(parts, dim=1)
 
-    def ahead_count(self, wanted: int, missing: int, row_bytes: int) -> int:
-        """How many next-step rows to compute with each of `missing` sequences: at most `AHEAD_STEPS`, and all
-        rows of one call within a quarter of the budget, so look-ahead rows are not evicted before their step."""
-        fit = self.budget_bytes // (4 * max(1, missing) * max(1, row_bytes)) - 1
+    def ahead_count(self, wanted: int, sequences: int, row_bytes: int) -> int:
+        """How many next-step rows to compute with a missing sequence of a call over `sequences` sequences: at
+        most `AHEAD_STEPS`, and few enough that every sequence of the batch (the engine packs every running
+        request into each call) could hold its current and look-ahead rows in half the budget, so look-ahead
+        rows of concurrent requests do not push each other out before their step."""
+        fit = self.budget_bytes // (2 * max(1, sequences) * max(1, row_bytes)) - 1
         return max(0, min(wanted, AHEAD_STEPS, fit))
 
     def rows(self, temb_fn, keys: Sequence[Hashable] | None,
@@ -93,8 +97,9 @@ class ModulationCache:
              ahead_temb: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
         """(S, total) rows; `temb_fn(positions)` gives temb of the listed sequences for the ones not cached.
 
-        ahead: per sequence, the keys of its next steps; `ahead_temb(sequence, count)` their temb (count, hidden).
-        A missing sequence's next rows are computed and kept with it (see the module docstring).
+        ahead: per sequence, the keys of its next steps; `ahead_temb(sequence, count)` the temb (count, hidden)
+        of its first `count` next steps. A missing sequence's next rows are computed with it, except those
+        already cached or already planned in this call (see the module docstring).
         """
         if keys is None:
             return self.compute(temb_fn(None))
@@ -105,23 +110,18 @@ class ModulationCache:
             for k, r in zip(full, found):
                 if r is not None:
                     self._rows.move_to_end(k)
-        missing = [i for i, r in enumerate(found) if r is None]
+            missing = [i for i, r in enumerate(found) if r is None]
+            plan = self._plan_ahead(full, missing, ahead, stamp) if ahead is not None and ahead_temb else []
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            temb = temb_fn(missing)
-            later: list[tuple[Hashable, int]] = []  # (full key, row in `fresh`) of the look-ahead rows
-            if ahead is not None and ahead_temb is not None:
-                row_bytes = self.offsets[-1] * self.layout[0][0].weight.element_size()
-                parts = [temb]
-                for i in missing:
-                    count = self.ahead_count(len(ahead[i]), len(missing), row_bytes)
-                    if count:
-                        parts.append(ahead_temb(i, count))
-                        start = len(missing) + len(later)
-                        later += [((stamp, k), start + j) for j, k in enumerate(ahead[i][:count])]
-                temb = torch.cat(parts) if len(parts) > 1 else temb
-            fresh = self.compute(temb)
+            parts = [temb_fn(missing)]
+            later: list[tuple[Hashable, int]] = []  # (full key, row in `fresh`), nearest step first
+            for i, count, picks in plan:
+                parts.append(ahead_temb(i, count)[picks])
+                start = len(missing) + len(later)
+                later += [((stamp, ahead[i][p]), start + j) for j, p in enumerate(picks)]
+            fresh = self.compute(torch.cat(parts) if len(parts) > 1 else parts[0])
             with self._lock:
                 for j, i in enumerate(missing):
                     # with look-ahead rows each kept row gets its own storage: a view would pin all of `fresh`
@@ -130,7 +130,8 @@ class ModulationCache:
                     if full[i] not in self._rows:
                         self._rows[full[i]] = row
                         self._bytes += row.nbytes
-                for key, j in later:
+                # farthest step first: the next step's row ends up the most recently used, the last evicted
+                for key, j in reversed(later):
                     if key not in self._rows:
                         row = fresh[j:j + 1].clone()
                         self._rows[key] = row
@@ -139,6 +140,24 @@ class ModulationCache:
                     _, old = self._rows.popitem(last=False)
                     self._bytes -= old.nbytes
         return found[0] if len(found) == 1 else torch.cat(found)
+
+    def _plan_ahead(self, full, missing, ahead, stamp) -> list[tuple[int, int, list[int]]]:
+        """(sequence, count, positions among its next `count` steps to compute) per missing sequence: each key
+        once per call (two sequences with one prompt share), none already cached. Called under the lock."""
+        row_bytes = self.offsets[-1] * self.layout[0][0].weight.element_size()
+        planned = {full[i] for i in missing}
+        plan = []
+        for i in missing:
+            count = self.ahead_count(len(ahead[i]), len(full), row_bytes)
+            picks = []
+            for p, key in enumerate(ahead[i][:count]):
+                key = (stamp, key)
+                if key not in self._rows and key not in planned:
+                    planned.add(key)
+                    picks.append(p)
+            if picks:
+                plan.append((i, picks[-1] + 1, picks))
+        return plan
 
     def clear(self) -> None:
         with self._lock:

@@ -48,8 +48,9 @@ class PackedStep:
     #: per sequence, a key that determines its (pooled prompt, timestep, guidance) exactly: sequences with equal
     #: keys share AdaLN modulation rows across calls (modulation.py). None = compute them every call.
     cond_keys: list[Hashable] | None = None
-    #: per sequence, (cond keys of its next steps, their timesteps (K,) on the scale of `timestep`): when its
-    #: rows are computed, those of the next steps are computed with them (modulation.py, look-ahead)
+    #: per sequence, (cond keys of its next steps, their scheduler timesteps (K,), i.e. 1000 x `timestep`,
+    #: converted only on a miss): when its rows are computed, those of the next steps are computed with them
+    #: (modulation.py, look-ahead)
     cond_ahead: list[tuple[list[Hashable], torch.Tensor]] | None = None
 
     @property
@@ -143,7 +144,8 @@ def _temb_ahead(tr, step: PackedStep, dtype: torch.dtype, s: int, count: int) ->
     keys, timesteps = step.cond_ahead[s]
     if len(timesteps) < count or len(keys) != len(timesteps):
         raise ValueError(f"cond_ahead of sequence {s}: {len(keys)} keys, {len(timesteps)} timesteps")
-    timestep = timesteps[:count].to(step.timestep.device, dtype) * 1000
+    # the same arithmetic as the current step's path: the engine passes t.to(dtype) / 1000, `_temb` scales back
+    timestep = (timesteps[:count].to(step.timestep.device, dtype) / 1000) * 1000
     pooled = step.pooled[s:s + 1].expand(count, -1)
     if step.guidance is not None:
         return tr.time_text_embed(timestep, step.guidance[s:s + 1].to(dtype).expand(count) * 1000, pooled)

@@ -99,11 +99,60 @@ def test_look_ahead_is_bounded_by_the_budget_and_the_cap(small_model, monkeypatc
 
     tr = small_model.transformer
     row_bytes = ModulationCache(tr).compute(torch.randn(1, tr.inner_dim)).nbytes
-    cache = ModulationCache(tr, budget_bytes=4 * 3 * row_bytes)  # a quarter of it: three rows per call
+    cache = ModulationCache(tr, budget_bytes=2 * 3 * row_bytes)  # half of it: three rows per sequence
     assert cache.ahead_count(50, 1, row_bytes) == 2 and cache.ahead_count(50, 3, row_bytes) == 0
     assert cache.ahead_count(1, 1, row_bytes) == 1  # never more than the steps left
     monkeypatch.setattr(modulation, "AHEAD_STEPS", 1)
     assert ModulationCache(tr).ahead_count(50, 1, row_bytes) == 1
+
+
+def _counting(cache):
+    """Wrap cache.compute to count the rows it computes."""
+    computed = []
+    compute = cache.compute
+    cache.compute = lambda temb: (computed.append(temb.shape[0]), compute(temb))[1]
+    return computed
+
+
+def test_look_ahead_skips_cached_and_shared_keys_and_keeps_the_next_step_last(small_model):
+    tr = small_model.transformer
+    cache = ModulationCache(tr)
+    temb = torch.randn(5, tr.inner_dim, generator=torch.Generator().manual_seed(4))
+    cache.rows(lambda rows: temb[2:3], [("p", 2)])  # step 2 is already there (another request, same prompt)
+    computed, asked = _counting(cache), []
+
+    def ahead_temb(s, count):
+        asked.append((s, count))
+        return temb[1:1 + count]
+
+    ahead = [("p", 1), ("p", 2), ("p", 3)]
+    cache.rows(lambda rows: temb[:1].expand(len(rows), -1), [("p", 0), ("p", 0)], [ahead, ahead], ahead_temb)
+    assert asked == [(0, 3)]  # the second sequence shares the first one's keys: planned once
+    assert computed == [2 + 2]  # two current rows, steps 1 and 3 (step 2 was cached)
+    assert list(cache._rows)[-1][1] == ("p", 1)  # the nearest step is the most recently used row
+
+
+def test_look_ahead_backs_off_when_the_running_batch_outgrows_the_budget(small_model):
+    """Requests with distinct prompts arriving one per step, each running 28 steps, every running request in
+    each call (the engine packs them all), a budget of 64 rows: look-ahead must shrink as the batch grows
+    rather than evict rows before their step and compute them again (the first version, which sized it by the
+    missing sequences alone, computed 363 rows here for 224 without look-ahead)."""
+    tr = small_model.transformer
+    row_bytes = ModulationCache(tr).compute(torch.randn(1, tr.inner_dim)).nbytes
+    steps = 28
+    temb = torch.randn(8, steps, tr.inner_dim, generator=torch.Generator().manual_seed(6))
+    for requests in (8, 1):
+        cache = ModulationCache(tr, budget_bytes=64 * row_bytes)
+        computed = _counting(cache)
+        for tick in range(requests + steps - 1):
+            running = [(r, tick - r) for r in range(requests) if 0 <= tick - r < steps]
+            keys = [(r, step) for r, step in running]
+            ahead = [[(r, j) for j in range(step + 1, steps)] for r, step in running]
+            cache.rows(lambda rows, running=running: torch.stack([temb[running[i]] for i in rows]), keys, ahead,
+                       lambda s, count, running=running: temb[running[s][0], running[s][1] + 1:][:count])
+        plain = requests * steps  # rows (and misses) without look-ahead
+        assert sum(computed) <= 1.15 * plain, (requests, sum(computed))
+        assert cache.misses <= (plain / 4 if requests > 1 else 1), (requests, cache.misses)
 
 
 def test_sparse_forward_serves_the_next_step_from_rows_computed_ahead(small_model, step):
@@ -112,7 +161,7 @@ def test_sparse_forward_serves_the_next_step_from_rows_computed_ahead(small_mode
     cache.clear()
     packed = step.packed()
     n = step.index.__len__()
-    schedule = torch.tensor([0.5, 0.4, 0.3])  # the synthetic step is at 0.5; two more steps follow
+    schedule = torch.tensor([500.0, 400.0, 300.0])  # the synthetic step is at t = 500; two more steps follow
     packed.cond_keys = [("ahead", s, 0) for s in range(n)]
     packed.cond_ahead = [([("ahead", s, 1), ("ahead", s, 2)], schedule[1:]) for s in range(n)]
     sparse_forward(tr, packed)
