@@ -158,11 +158,12 @@ _SCRATCH_KEEP_BYTES = 64 << 20
 _scratch = threading.local()
 
 
-def use_joint(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def use_joint(q: torch.Tensor, mask: torch.Tensor | None, *operands: torch.Tensor) -> bool:
     """Whether `split_attention` takes the joint-score path: fp32 on CPU, few queries, some cached row valid, and
-    no autograd (it writes into a reused buffer with `out=`)."""
+    no autograd on q or any other operand (it writes into a reused buffer with `out=`)."""
     return (q.dtype == torch.float32 and q.device.type == "cpu" and q.shape[0] <= JOINT_QUERIES
-            and mask is not None and not (torch.is_grad_enabled() and q.requires_grad))
+            and mask is not None
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, *operands))))
 
 
 def _score_block(heads: int, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
@@ -210,7 +211,7 @@ def split_attention(q: torch.Tensor, k_fresh: torch.Tensor, v_fresh: torch.Tenso
     Returns (Lq, heads * d). softmax over the union = the two partial softmaxes weighted by
     sigmoid(lse_cached - lse_fresh), their share of the total mass.
     """
-    if use_joint(q, mask):
+    if use_joint(q, mask, k_fresh, v_fresh, k_cached, v_cached):
         return joint_attention(q, k_fresh, v_fresh, k_cached, v_cached, mask)
     op = _cpu_lse_op()
     qh = q.transpose(0, 1).unsqueeze(0)

@@ -1,6 +1,8 @@
 """Packed attention: the cached/fresh split merged by log-sum-exp and the varlen kernels against the segment loop."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,9 +28,16 @@ def _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked):
 
 @pytest.fixture(params=["joint", "lse-merge"])
 def split_path(request, monkeypatch):
-    """Run a test through each CPU fp32 path of `split_attention`: joint scores, or flash + log-sum-exp merge."""
-    monkeypatch.setattr(attention, "JOINT_QUERIES", 10**9 if request.param == "joint" else 0)
-    return request.param
+    """Run a test through each CPU fp32 path of `split_attention`: joint scores, or flash + log-sum-exp merge;
+    the test's end checks that the path it named is the one that ran."""
+    joint = request.param == "joint"
+    monkeypatch.setattr(attention, "JOINT_QUERIES", 10**9 if joint else 0)
+    calls = []
+    monkeypatch.setattr(attention, "joint_attention",
+                        lambda *a, _f=attention.joint_attention: (calls.append(1), _f(*a))[1])
+    path = SimpleNamespace(name=request.param, applies=True)  # a test with no valid cached row sets applies
+    yield path
+    assert bool(calls) == (joint and path.applies), f"{request.param}: joint_attention ran {len(calls)} times"
 
 
 @pytest.mark.parametrize("masked_count", [1, 37, 255, 256])
@@ -44,6 +53,7 @@ def test_split_attention_equals_attention_over_the_union(masked_count, split_pat
     v_cached = torch.randn(heads, n, d, generator=g)
     mask = stale_mask(n, masked, torch.float32, torch.device("cpu"))
     assert (mask is None) == (masked_count == n)  # every cached row replaced: nothing to attend to there
+    split_path.applies = mask is not None
     out = split_attention(q, k_fresh, v_fresh, k_cached, v_cached, mask)
     expected = _reference(q, k_fresh, v_fresh, k_cached, v_cached, masked)
     assert out.shape == (t + masked_count, heads * d)
@@ -71,15 +81,22 @@ def _operands(g, length, heads, n, d, masked):
     return q, k_fresh, v_fresh, k_cached, v_cached, stale_mask(n, masked, torch.float32, q.device)
 
 
-def test_joint_attention_reuses_its_score_block_across_shapes():
-    """The per-thread score block is reused: a smaller call after a larger one, then a larger one again, each
-    against float64 attention over the union (a stale view of the old shape would show up here)."""
+def test_joint_attention_reuses_its_score_block_across_shapes_and_modes():
+    """The per-thread score block is reused: a smaller call after a larger one, then a larger one again, under
+    inference mode, no_grad and plain mode in turn. Every output is checked after the last call, against
+    float64 attention over the union: an output that aliased the block would have been overwritten."""
     g = torch.Generator().manual_seed(5)
-    for length, heads, n, d in [(40, 4, 200, 32), (9, 2, 64, 16), (60, 4, 300, 32), (9, 2, 64, 16)]:
-        masked = torch.randperm(n, generator=g)[:length - 3].sort().values
+    modes = [torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad, torch.enable_grad]
+    shapes = [(40, 4, 200, 32), (9, 2, 64, 16), (60, 4, 300, 32), (9, 2, 64, 16), (1, 1, 8, 4)]
+    done = []
+    for mode, (length, heads, n, d) in zip(modes, shapes):
+        masked = torch.randperm(n, generator=g)[:max(1, length - 3)].sort().values
         ops = _operands(g, length, heads, n, d, masked)
-        out = joint_attention(*ops)
+        with mode():
+            out = joint_attention(*ops)
         assert out.shape == (length, heads * d)
+        done.append((out, ops, masked))
+    for out, ops, masked in done:
         assert (out.double() - _reference(*ops[:5], masked)).abs().max().item() < 1e-5
 
 
@@ -90,8 +107,10 @@ def test_joint_path_is_chosen_only_where_it_applies():
     assert not use_joint(q, None)  # every cached row stale: the fresh rows alone
     assert not use_joint(q.bfloat16(), mask)  # half precision keeps the flash kernel's fp32 accumulation
     assert not use_joint(torch.randn(attention.JOINT_QUERIES + 1, 2, 8), mask)  # 64-row flash tiles from there
-    with torch.enable_grad():  # out= into the score block would raise under autograd
+    with torch.enable_grad():  # out= into the score block would raise under autograd, on any operand
         assert not use_joint(q.clone().requires_grad_(), mask)
+        assert not use_joint(q, mask, torch.randn(2, 16, 8, requires_grad=True))
+        assert use_joint(q, mask, torch.randn(2, 16, 8))
 
 
 def test_cpu_selects_the_segment_loop_and_refuses_unknown_backends():
