@@ -58,8 +58,13 @@ HISTOGRAM_BUCKETS = {
 #: the gRPC calls that are never traced: probes and the workers' periodic load reports
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 UNTRACED_METHODS = ("ReportLoad", "RegisterWorker", "DeregisterWorker", "GetClusterStatus", "ListModels")
-#: HTTP URLs without spans (regular expressions searched in the URL): probes and the web page's static files
-UNTRACED_HTTP = r"/healthz$,/readyz$,/web/"
+#: HTTP paths without spans: the probes (exact paths) and the web page's static files (a path prefix)
+UNTRACED_HTTP = ("/healthz", "/readyz")
+UNTRACED_HTTP_PREFIX = "/web"
+
+
+def _untraced_path(path: str) -> bool:
+    return path in UNTRACED_HTTP or path == UNTRACED_HTTP_PREFIX or path.startswith(UNTRACED_HTTP_PREFIX + "/")
 
 METER_NAME = "instgenie"
 
@@ -100,14 +105,23 @@ class Telemetry:
 
     def wrap_asgi(self, app, span_details=None):
         """`app` with one OpenTelemetry server span per HTTP request (the parent of the gRPC calls it makes), or
-        `app` itself when tracing is off. `span_details(scope) -> (name, attributes)` names the spans; probes
-        and static files (UNTRACED_HTTP) get none, and neither do the per-message receive/send steps."""
+        `app` itself when tracing is off. `span_details(scope) -> (name, attributes)` names the spans. Paths in
+        UNTRACED_HTTP get none, decided on the request path alone (never on the client's Host header), nor do
+        the per-message receive/send steps. The middleware's own HTTP metrics are off: they are not named
+        instgenie_* and would be labelled with the client's Host header."""
         if not self.tracing:
             return app
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from opentelemetry.metrics import NoOpMeterProvider
 
-        return OpenTelemetryMiddleware(app, excluded_urls=UNTRACED_HTTP, default_span_details=span_details,
-                                       exclude_spans=["receive", "send"])
+        traced = OpenTelemetryMiddleware(app, default_span_details=span_details, exclude_spans=["receive", "send"],
+                                         meter_provider=NoOpMeterProvider())
+
+        async def route(scope, receive, send):
+            untraced = scope["type"] != "http" or _untraced_path(scope.get("path", ""))
+            await (app if untraced else traced)(scope, receive, send)
+
+        return route
 
     def ready_info(self) -> dict:
         """What the process's ready file says about telemetry."""

@@ -51,15 +51,23 @@ class _SecurityHeaders:
 
 def route_span_details(app: Starlette):
     """Span names for the tracing middleware: "METHOD /route/{template}", one per route whatever its ids, and
-    "METHOD unmatched" for unknown URLs (a name per raw path would grow without bound)."""
+    "METHOD unmatched" for unknown URLs; a method outside HTTP's own is "HTTP" (a name per raw path or method
+    would grow without bound)."""
+    from opentelemetry.util.http import sanitize_method
     from starlette.routing import Match
 
     def details(scope) -> tuple[str, dict]:
-        method = scope.get("method", "HTTP")
+        method = sanitize_method(scope.get("method", "").strip())  # a client's own method name: "_OTHER"
+        method = "HTTP" if method in ("_OTHER", "") else method
+        partial = None  # as Starlette's router: a path whose route takes other methods answers 405 from it
         for route in app.routes:
             match, _ = route.matches(scope)
             if match == Match.FULL:
                 return f"{method} {route.path}", {"http.route": route.path}
+            if match == Match.PARTIAL and partial is None:
+                partial = route
+        if partial is not None:
+            return f"{method} {partial.path}", {"http.route": partial.path}
         return f"{method} unmatched", {}
 
     return details

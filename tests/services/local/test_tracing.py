@@ -2,6 +2,7 @@
 the worker, sent over OTLP/gRPC to a collector in the test, with an event per denoising step on the worker."""
 from __future__ import annotations
 
+import urllib.request
 import uuid
 
 import pytest
@@ -86,8 +87,15 @@ def test_an_http_edit_is_one_trace_rooted_at_the_http_server_span(observed_mesh,
         "template_id": template, "mask": ("mask.png", openai_mask(right_half())), "prompt": "8", "seed": "2"})
     assert status == 200, body
     assert call(base, "GET", "/healthz")[0] == 200
+    assert call(base, "GET", "/web/")[0] == 200
     assert call(base, "GET", f"/v1/templates/{template}")[0] == 200
     assert call(base, "GET", "/v1/nowhere/12345")[0] == 404
+    assert call(base, "FOOBAR123", "/v1/models")[0] == 405
+    # the client's Host header has no say in what is traced
+    request = urllib.request.Request(base + "/v1/models", headers={
+        "Host": "evil/web/", "Authorization": auth()[0][1]})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 200
 
     def traced():
         spans = otlp_sink.snapshot()
@@ -111,7 +119,9 @@ def test_an_http_edit_is_one_trace_rooted_at_the_http_server_span(observed_mesh,
     root = next(s for _, s in trace if s.parent_span_id not in ids)
     assert attribute(root, "http.route") == "/v1/images/edits"
     # One name per route whatever the ids in the URL; unknown URLs share one name; probes have no span.
-    assert wait_for(lambda: {"GET /v1/templates/{template_id}", "GET unmatched"} <= {
+    expected = {"GET /v1/templates/{template_id}", "GET unmatched", "HTTP /v1/models", "GET /v1/models"}
+    assert wait_for(lambda: expected <= {
         s.name for svc, s in otlp_sink.snapshot() if svc == "instgenie-gateway"}, timeout=30)
     gateway = {s.name for svc, s in otlp_sink.snapshot() if svc == "instgenie-gateway"}
-    assert not [n for n in gateway if "healthz" in n or "12345" in n or template in n], gateway
+    leaked = [n for n in gateway if any(w in n for w in ("healthz", "web", "12345", "FOOBAR", template))]
+    assert not leaked, gateway
