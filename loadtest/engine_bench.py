@@ -43,20 +43,45 @@ def _time(fn) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _rotating(tr, st, copies: int, shared_modulation: bool):
-    """A call of the sparse forward that reads the next of `copies` copies of the step cache at each call."""
-    shards = [st.shard] + [{k: v.clone() for k, v in st.shard.items()} for _ in range(copies - 1)]
+def cache_copies(st, copies: int) -> list[dict]:
+    """The step's cache shard and `copies - 1` clones of it (distinct memory, same values)."""
+    return [st.shard] + [{k: v.clone() for k, v in st.shard.items()} for _ in range(copies - 1)]
+
+
+def _rotating(tr, st, shards: list[dict], shared_modulation: bool):
+    """A call of the sparse forward that reads the next of `shards` (copies of the step cache) at each call."""
     packs = itertools.cycle([st.packed(caches=[StepCache(shard, s) for s in range(len(st.index))],
                                        shared_modulation=shared_modulation) for shard in shards])
     return lambda: sparse_forward(tr, next(packs))
 
 
-def bench_cell(model, batch: int, ratio: float, seconds: float, min_reps: int = 3, order: str = "steady",
-               run_length: int = 3, cache_copies: int = 4) -> dict:
+def measure(variants: dict, seconds: float, min_reps: int = 3, order: str = "steady",
+            run_length: int = 3) -> dict[str, list[float]]:
+    """ms per recorded call of each variant, the variants taking turns round-robin (see the module docstring)
+    until `seconds` have passed and the first variant has `min_reps` recorded calls."""
     if order not in ("steady", "interleaved"):
         raise ValueError(f"order must be 'steady' or 'interleaved', not {order!r}")
-    if run_length < 1 or cache_copies < 1:
-        raise ValueError("run_length and cache_copies must be at least 1")
+    if run_length < 1:
+        raise ValueError("run_length must be at least 1")
+    times = {k: [] for k in variants}
+    first = next(iter(variants))
+    recorded, unrecorded = (run_length, 1) if order == "steady" else (1, 0)
+    with torch.inference_mode():
+        for fn in variants.values():  # warm-up
+            fn()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times[first]) < min_reps:
+            for name, fn in variants.items():
+                for _ in range(unrecorded):  # the call right after the switch from another variant
+                    fn()
+                times[name] += [_time(fn) for _ in range(recorded)]
+    return times
+
+
+def bench_cell(model, batch: int, ratio: float, seconds: float, min_reps: int = 3, order: str = "steady",
+               run_length: int = 3, copies: int = 4) -> dict:
+    if copies < 1:
+        raise ValueError("copies must be at least 1")
     tr = model.transformer
     steps = {mode: synthetic_step(model, batch, ratio, mode, seed=batch) for mode in ("kv", "y")}
     inputs = steps["kv"].inputs
@@ -64,23 +89,15 @@ def bench_cell(model, batch: int, ratio: float, seconds: float, min_reps: int = 
     computed = int(steps["kv"].index[0].numel())
     variants = {"stock": lambda: dense_forward(tr, **inputs)}
     for mode, st in steps.items():
-        variants[mode] = _rotating(tr, st, cache_copies, shared_modulation=True)
-        variants[f"{mode}_cold"] = _rotating(tr, st, cache_copies, shared_modulation=False)
-    times = {k: [] for k in variants}
-    recorded, unrecorded = (run_length, 1) if order == "steady" else (1, 0)
-    with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            fn()
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(times["stock"]) < min_reps:
-            for name, fn in variants.items():
-                for _ in range(unrecorded):  # the call right after the switch from another variant
-                    fn()
-                times[name] += [_time(fn) for _ in range(recorded)]
+        shards = cache_copies(st, copies)  # one set per mode, read by its warm and cold variants alike
+        variants[mode] = _rotating(tr, st, shards, shared_modulation=True)
+        variants[f"{mode}_cold"] = _rotating(tr, st, shards, shared_modulation=False)
+    times = measure(variants, seconds, min_reps, order, run_length)
     shape = FluxShape.of(tr)
     text_tokens = inputs["prompt_embeds"].shape[1]
     row = {"batch": batch, "ratio": ratio, "image_tokens": n, "computed_tokens": computed, "text_tokens": text_tokens,
-           "reps": len(times["stock"]), "order": order, "run_length": recorded, "cache_copies": cache_copies}
+           "reps": len(times["stock"]), "order": order, "run_length": run_length if order == "steady" else 1,
+           "cache_copies": copies}
     for name, ts in times.items():
         row[f"{name}_ms"] = statistics.median(ts)
         row[f"{name}_min_ms"] = min(ts)
@@ -154,7 +171,7 @@ def main(argv=None) -> int:
             cells = []
             for _ in range(args.repeats):
                 cells.append(bench_cell(model, batch, ratio, args.seconds, order=args.order,
-                                        run_length=args.run_length, cache_copies=args.cache_copies))
+                                        run_length=args.run_length, copies=args.cache_copies))
                 print(f"batch {batch} ratio {ratio}: KV {100 * cells[-1]['kv_efficiency']:.0f}% of ideal",
                       file=sys.stderr, flush=True)
             rows.append(combine(cells))

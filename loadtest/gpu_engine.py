@@ -5,8 +5,9 @@ on every token; KV and Y run the packed sparse forward on round(ratio * N) rando
 template cache recorded once (every sequence of the batch reads the same template: the cache's size, not its
 content, sets the cost). Variants are interleaved round-robin and timed with the device synchronised; cells
 report the median. Achieved TFLOP/s = analytical FLOPs (engine/flops.py) / time. The modulation rows are
-shared across calls: what a request pays at every step but its first, since a miss computes the rows of its
-next steps too (transformer/modulation.py, look-ahead); `*_cold` columns recompute them every call.
+shared across calls: what a request pays at the steps whose rows a miss computed ahead (transformer/
+modulation.py, look-ahead: at FLUX.1 size 62 / 30 / 14 / 6 steps at 1 / 2 / 4 / 8 sequences with the default
+budget); `*_cold` columns recompute them every call.
 """
 from __future__ import annotations
 

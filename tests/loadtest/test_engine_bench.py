@@ -46,15 +46,27 @@ def _tiny(tmp_path, monkeypatch):
     return preset_model("flux-tiny")
 
 
-@pytest.mark.parametrize("order, run_length, per_turn, reps", [("steady", 2, 2, 4), ("interleaved", 5, 1, 3)])
-def test_order_sets_how_many_calls_each_turn_records(tmp_path, monkeypatch, order, run_length, per_turn, reps):
-    model = _tiny(tmp_path, monkeypatch)
-    row = engine_bench.bench_cell(model, 1, 0.5, seconds=0.0, min_reps=3, order=order, run_length=run_length,
-                                  cache_copies=2)
-    # turns go on until 3 stock calls are recorded: two turns of 2 in steady order, three of 1 interleaved
-    assert row["reps"] == reps and row["order"] == order and row["run_length"] == per_turn
+@pytest.mark.parametrize("order, calls_per_turn, recorded_per_turn", [("steady", 3, 2), ("interleaved", 1, 1)])
+def test_order_sets_the_calls_each_turn_makes_and_records(order, calls_per_turn, recorded_per_turn):
+    calls = {"a": 0, "b": 0}
+
+    def variant(name):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    times = engine_bench.measure({"a": variant("a"), "b": variant("b")}, seconds=0.0, min_reps=3, order=order,
+                                 run_length=2)
+    turns = -(-3 // recorded_per_turn)  # turns go on until "a" has 3 recorded calls
+    for name in ("a", "b"):
+        assert len(times[name]) == turns * recorded_per_turn
+        assert calls[name] == 1 + turns * calls_per_turn  # one warm-up call, then the turns
     with pytest.raises(ValueError, match="order"):
-        engine_bench.bench_cell(model, 1, 0.5, seconds=0.0, order="random")
+        engine_bench.measure({"a": variant("a")}, seconds=0.0, order="random")
+
+
+def test_a_cell_reports_its_order_and_copies(tmp_path, monkeypatch):
+    model = _tiny(tmp_path, monkeypatch)
+    row = engine_bench.bench_cell(model, 1, 0.5, seconds=0.0, min_reps=2, order="steady", run_length=2, copies=2)
+    assert (row["order"], row["run_length"], row["cache_copies"], row["reps"]) == ("steady", 2, 2, 2)
 
 
 def test_sparse_calls_rotate_through_distinct_copies_of_the_step_cache(tmp_path, monkeypatch):
@@ -64,7 +76,7 @@ def test_sparse_calls_rotate_through_distinct_copies_of_the_step_cache(tmp_path,
     st = synthetic_step(model, 2, 0.5, "kv")
     seen = []
     monkeypatch.setattr(engine_bench, "sparse_forward", lambda tr, packed: seen.append(packed.caches))
-    call = engine_bench._rotating(model.transformer, st, copies=3, shared_modulation=False)
+    call = engine_bench._rotating(model.transformer, st, engine_bench.cache_copies(st, 3), shared_modulation=False)
     for _ in range(6):
         call()
     storage = [caches[0].tensors["kv.0.k"].data_ptr() for caches in seen]
